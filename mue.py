@@ -1,0 +1,558 @@
+"""MuE: a unified vision-language encoder-decoder with multiple early exits.
+
+Tang et al., "You Need Multiple Exiting: Dynamic Early Exiting for Accelerating Unified Vision
+Language Model", CVPR 2023 (arXiv 2211.11152), on a compact OFA-style model:
+
+    image --ResNet stem--> patch tokens --.
+                                           >-- shared encoder layers --> memory --> decoder --> text
+    prompt --embedding--> text tokens ----'
+
+What this file implements, by section of the paper:
+- Sec. 3.1 modality decomposition: image and text tokens go through the same encoder layers
+  separately, so each modality can stop at its own depth (`fusion="decomposed"`); the memory the
+  decoder reads is LN([image ; text]). `fusion="joint"` is the early-fusion ablation.
+- Sec. 3.2 encoder exit by saturation: after layer l, s_l = cos(h_l, h_{l-1}) per sample and per
+  modality (h_0 = the embeddings); the modality stops when s_l > tau.
+- Sec. 3.3 decoder exit per generated token, by the confidence of the shared head (default) or by
+  the paper code's hidden-state cosine, with a constant or decaying threshold.
+- Sec. 3.4 layer-wise task loss: every decoder layer predicts through the shared final LayerNorm
+  and the tied LM head, and the loss is a weighted sum over layers.
+
+The exits follow "Semantics this project adopts" in MUE_NOTES.md: decisions per sample, strict `>`,
+at least one layer, rows that exited are dropped from the working set (so skipped layers cost
+nothing), and a token that exits the decoder early still leaves keys and values in every deeper
+layer's cache (CALM-style state propagation), so later tokens see a complete cache.
+
+Read top to bottom: MuEConfig, ExitConfig, the building blocks, the model (embedding, forward with
+the layer-wise loss), then generation with exits.
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+@dataclass
+class MuEConfig:
+    """The model. The defaults are the CPU preset that `python train.py` trains."""
+
+    vocab_size: int = 128  # words, specials included; train.py sets it from the tokenizer
+    d_model: int = 128  # width of every token (C in the shape comments)
+    n_heads: int = 4  # attention heads; d_model must divide evenly
+    d_ff: int = 512  # hidden width of the feed-forward blocks
+    n_enc_layers: int = 6  # encoder depth, shared by image and text (OFA-Base: 6)
+    n_dec_layers: int = 6  # decoder depth; every layer can predict (OFA-Base: 6)
+    image_size: int = 64  # square input images, pixels per side
+    resnet: str = "resnet18"  # torchvision ResNet whose stem and first stages embed the image
+    resnet_stages: int = 2  # residual stages kept (1-4): 64px -> 16x16, 8x8, 4x4, 2x2 patches
+    resnet_weights: str = ""  # path to a torchvision ImageNet state_dict you have; "" = random
+    dropout: float = 0.1  # on embeddings, attention weights and residual branches (training)
+    max_src_len: int = 32  # longest prompt, in tokens
+    max_tgt_len: int = 32  # longest target / generated text, in tokens (eos included)
+    fusion: str = "decomposed"  # "decomposed": image and text apart (MuE); "joint": one sequence
+    loss_weights: str = "uniform"  # decoder layer-wise loss: "uniform" | "linear" | "last"
+    pad_id: int = 0  # padding token (ignored by attention and by the loss)
+    bos_id: int = 1  # first decoder input
+    eos_id: int = 2  # ends a generated sequence
+
+    def __post_init__(self):
+        _check_choice("fusion", self.fusion, ("decomposed", "joint"))
+        _check_choice("loss_weights", self.loss_weights, ("uniform", "linear", "last"))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if not 1 <= self.resnet_stages <= 4:
+            raise ValueError(f"resnet_stages must be in 1..4, got {self.resnet_stages}")
+        for name in ("vocab_size", "d_model", "d_ff", "n_enc_layers", "n_dec_layers",
+                     "image_size", "max_src_len", "max_tgt_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def layer_weights(self) -> list[float]:
+        """Weights of the decoder layer-wise loss (Sec. 3.4), summing to 1.
+
+        The paper sums the layers' losses with equal weights; we divide by the sum so that the
+        printed loss stays on the scale of one cross-entropy whatever the depth. With AdamW this
+        changes nothing but that scale (and where gradient clipping bites)."""
+        n = self.n_dec_layers
+        raw = {"uniform": [1.0] * n,
+               "linear": [float(l) for l in range(1, n + 1)],
+               "last": [0.0] * (n - 1) + [1.0]}[self.loss_weights]
+        return [w / sum(raw) for w in raw]
+
+
+@dataclass(frozen=True)
+class ExitConfig:
+    """When each part of the model stops (Sec. 3.2, 3.3). Thresholds >= 1 never exit.
+
+    The encoder signal is a cosine in [-1, 1]; the decoder's is a probability in [0, 1] for
+    "confidence" and a cosine for "similarity". A layer exits when signal > threshold (strict).
+    With dec_schedule="decay" the decoder threshold at output position t (0-based) of at most N
+    tokens is Theta(t) = beta * theta + (1 - beta) * exp(-tau * t / N) (CALM; paper: theta=0.99,
+    beta=0.95, tau=1); a theta >= 1 still means "never", whatever the schedule.
+    """
+
+    img_threshold: float = 1.0  # tau_img: image tokens stop after layer l if cos(h_l, h_l-1) > it
+    txt_threshold: float = 1.0  # tau_txt: the same for the text tokens
+    dec_threshold: float = 1.0  # theta: a generated token stops after the layer whose signal > it
+    dec_criterion: str = "confidence"  # "confidence": max softmax prob; "similarity": cosine
+    dec_schedule: str = "constant"  # "constant": Theta(t) = theta; "decay": the formula above
+    dec_beta: float = 0.95  # beta of the decay schedule
+    dec_tau: float = 1.0  # tau of the decay schedule (how fast it decays with t)
+
+    def __post_init__(self):
+        _check_choice("dec_criterion", self.dec_criterion, ("confidence", "similarity"))
+        _check_choice("dec_schedule", self.dec_schedule, ("constant", "decay"))
+        dec_low = 0.0 if self.dec_criterion == "confidence" else -1.0
+        for name, low, high in (("img_threshold", -1.0, 1.0), ("txt_threshold", -1.0, 1.0),
+                                ("dec_threshold", dec_low, 1.0), ("dec_beta", 0.0, 1.0),
+                                ("dec_tau", 0.0, math.inf)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails too
+                raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+
+    def dec_threshold_at(self, t: int, n: int) -> float:
+        """Theta(t) for output position t of at most n generated tokens."""
+        if self.dec_schedule == "constant" or self.dec_threshold >= 1.0:
+            return self.dec_threshold
+        b = self.dec_beta
+        return b * self.dec_threshold + (1 - b) * math.exp(-self.dec_tau * t / n)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks: pre-LN transformer layers on scaled_dot_product_attention.
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Keys and values are projected separately from queries so that the
+    decoder can fill its cache for a layer it skipped (state propagation, see `generate`)."""
+
+    def __init__(self, cfg: MuEConfig):
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def split_heads(self, x):  # (B, N, C) -> (B, H, N, C/H)
+        B, N, C = x.shape
+        return x.view(B, N, self.n_heads, C // self.n_heads).transpose(1, 2)
+
+    def project_kv(self, y):  # (B, N, C) -> keys, values: (B, H, N, C/H) each
+        k, v = self.kv(y).chunk(2, dim=-1)
+        return self.split_heads(k), self.split_heads(v)
+
+    def attend(self, x, k, v, mask=None, causal=False):
+        """x: (B, M, C) queries; k, v: (B, H, N, C/H); mask: (B, 1, 1, N) bool, True = attend."""
+        B, M, C = x.shape
+        y = F.scaled_dot_product_attention(
+            self.split_heads(self.q(x)), k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0)  # (B, H, M, C/H)
+        return self.drop(self.out(y.transpose(1, 2).reshape(B, M, C)))
+
+    def forward(self, x, y=None, mask=None, causal=False):  # self-attention when y is None
+        k, v = self.project_kv(x if y is None else y)
+        return self.attend(x, k, v, mask, causal)
+
+
+class MLP(nn.Sequential):
+    def __init__(self, cfg: MuEConfig):
+        super().__init__(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
+                         nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: MuEConfig):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+
+    def forward(self, x, mask=None):  # x: (B, N, C), mask: (B, 1, 1, N) or None
+        x = x + self.attn(self.ln1(x), mask=mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MuEConfig):
+        super().__init__()
+        self.ln1, self.self_attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.ln2, self.cross_attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.ln3, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+
+    def forward(self, x, memory, mem_mask):
+        """Teacher forcing. x: (B, T, C), memory: (B, M, C), mem_mask: (B, 1, 1, M)."""
+        x = x + self.self_attn(self.ln1(x), causal=True)
+        x = x + self.cross_attn(self.ln2(x), memory, mask=mem_mask)
+        return x + self.mlp(self.ln3(x))
+
+    def self_kv(self, x):  # (b, 1, C) -> this layer's cache entry for a token whose state is x
+        return self.self_attn.project_kv(self.ln1(x))
+
+    def step(self, x, cache, rows, t, cross_kv, mem_mask):
+        """One generated token. x: (b, 1, C) for batch rows `rows` (b,); cache: this layer's
+        (keys, values), each (B, H, T_max, C/H); writes position t, attends to 0..t."""
+        a = self.ln1(x)
+        k, v = self.self_attn.project_kv(a)  # (b, H, 1, C/H)
+        keys, values = cache
+        keys[rows, :, t], values[rows, :, t] = k[:, :, 0], v[:, :, 0]
+        x = x + self.self_attn.attend(a, keys[rows, :, :t + 1], values[rows, :, :t + 1])
+        x = x + self.cross_attn.attend(self.ln2(x), *cross_kv, mask=mem_mask)
+        return x + self.mlp(self.ln3(x))
+
+
+def masked_cosine(a, b, mask=None):
+    """Per-sample cosine between a and b, each flattened over its non-pad tokens (the authors'
+    code flattens the whole batch, padding included, which only means something at batch size 1).
+    a, b: (B, N, C); mask: (B, N) bool, True on real tokens, or None -> (B,) float32."""
+    a, b = a.float(), b.float()
+    if mask is not None:
+        m = mask.unsqueeze(-1).float()
+        a, b = a * m, b * m
+    dot = (a * b).sum((1, 2))
+    norms = a.square().sum((1, 2)) * b.square().sum((1, 2))
+    return dot / norms.sqrt().clamp_min(1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model.
+
+
+@dataclass
+class Generation:
+    """What `MuE.generate` returns. Layer counts are the layers each sample actually ran."""
+
+    tokens: torch.Tensor  # (B, T) generated ids, eos included, pad_id after the end
+    img_layers: torch.Tensor  # (B,) encoder layers run on the image tokens
+    txt_layers: torch.Tensor  # (B,) encoder layers run on the text tokens
+    dec_layers: torch.Tensor  # (B, T) decoder layers run for each token, 0 after the end
+    logits: torch.Tensor | None = None  # (B, T, V) logits each token was read from, if asked
+
+
+class MuE(nn.Module):
+    def __init__(self, cfg: MuEConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.d_model
+        # Image stem: a truncated torchvision ResNet (conv1, bn, relu, maxpool, first stages).
+        resnet = getattr(torchvision.models, cfg.resnet)(weights=None)
+        if cfg.resnet_weights:  # the user's own copy of torchvision's ImageNet weights
+            state = torch.load(cfg.resnet_weights, map_location="cpu", weights_only=True)
+            resnet.load_state_dict(state)
+        stages = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4][:cfg.resnet_stages]
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, *stages)
+        with torch.no_grad():  # ask the stem what it makes of an image rather than do the sums
+            probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
+            _, stem_ch, self.grid, _ = self.stem.eval()(probe).shape  # eval: leave BN stats be
+        self.stem.train()
+        self.img_proj = nn.Linear(stem_ch, C)
+        self.img_row = nn.Parameter(torch.zeros(self.grid, 1, C))  # learned 2-D positions:
+        self.img_col = nn.Parameter(torch.zeros(1, self.grid, C))  # row + column embeddings
+        # Text: one embedding matrix for encoder input, decoder input and the tied LM head.
+        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.src_pos = nn.Embedding(cfg.max_src_len, C)
+        self.tgt_pos = nn.Embedding(cfg.max_tgt_len, C)
+        self.type_emb = nn.Embedding(2, C)  # modality type: 0 image, 1 text
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
+        self.enc_ln = nn.LayerNorm(C)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_dec_layers))
+        self.dec_ln = nn.LayerNorm(C)  # shared by every decoder layer's prediction
+        self._init_transformer()
+
+    def _init_transformer(self):
+        stem = set(self.stem.modules())  # keep torchvision's own initialisation for the ResNet
+        for m in self.modules():
+            if m in stem:
+                continue
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.img_row, std=0.02)
+        nn.init.normal_(self.img_col, std=0.02)
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def check_inputs(self, images, src, tgt_in=None, targets=None):
+        """Raise ValueError naming the argument that is wrong; return the batch size."""
+        cfg = self.cfg
+        if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor (B, 3, H, W), got "
+                             f"{getattr(images, 'shape', type(images))}")
+        if images.shape[1] != 3:
+            raise ValueError(f"images must have 3 channels, got {images.shape[1]}")
+        if tuple(images.shape[2:]) != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"images must be {cfg.image_size}x{cfg.image_size} "
+                             f"(MuEConfig.image_size), got {tuple(images.shape[2:])}")
+        B = images.shape[0]
+        for name, ids, max_len in (("src", src, cfg.max_src_len), ("tgt_in", tgt_in, cfg.max_tgt_len),
+                                   ("targets", targets, cfg.max_tgt_len)):
+            if ids is None:
+                continue
+            if not torch.is_tensor(ids) or ids.dim() != 2 or ids.dtype != torch.long:
+                raise ValueError(f"{name} must be a (B, L) long tensor, got "
+                                 f"{getattr(ids, 'dtype', type(ids))} {getattr(ids, 'shape', '')}")
+            if ids.shape[0] != B:
+                raise ValueError(f"{name} has batch size {ids.shape[0]} but images has {B}")
+            if not 1 <= ids.shape[1] <= max_len:
+                raise ValueError(f"{name} has length {ids.shape[1]}, allowed 1..{max_len}")
+            if ids.numel() and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+                raise ValueError(f"{name} holds token ids outside [0, {cfg.vocab_size})")
+        if targets is not None and targets.shape != tgt_in.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} != tgt_in shape "
+                             f"{tuple(tgt_in.shape)}")
+        if (src == cfg.pad_id).all(1).any():
+            raise ValueError("src has a row made only of padding")
+        return B
+
+    def embed_image(self, images):  # (B, 3, S, S) -> (B, G*G, C)
+        f = self.stem(images).flatten(2).transpose(1, 2)  # (B, G*G, C_stem)
+        pos = (self.img_row + self.img_col).flatten(0, 1)  # (G*G, C)
+        return self.drop(self.img_proj(f) + pos + self.type_emb.weight[0])
+
+    def embed_text(self, src):  # (B, S) -> (B, S, C)
+        pos = self.src_pos(torch.arange(src.shape[1], device=src.device))
+        return self.drop(self.tok_emb(src) + pos + self.type_emb.weight[1])
+
+    def head(self, h):  # (..., C) -> (..., V): shared final LayerNorm, then the tied embedding
+        return F.linear(self.dec_ln(h), self.tok_emb.weight)
+
+    # -- encoder with exits (Sec. 3.1, 3.2) ------------------------------------------------------
+
+    def run_encoder(self, x, valid, rules, trace=None):
+        """Run the encoder layers on x: (B, N, C), with valid: (B, N) bool (True on real tokens).
+
+        rules: list of (name, tau, token mask (B, N)). A sample exits after layer l when, for
+        every rule, the cosine between its layer-l and layer-(l-1) states over the rule's tokens
+        is above tau: one rule per modality when decomposed, both modalities' rules on the joint
+        sequence. Exited samples leave the working set, so deeper layers never see them.
+        trace: a dict that collects every layer's cosines per rule name (with exits off).
+        Returns the states (B, N, C), each sample's from its exit layer, and layers run (B,).
+        """
+        B, L = x.shape[0], len(self.encoder)
+        layers = torch.full((B,), L, dtype=torch.long, device=x.device)
+        can_exit = all(tau < 1.0 for _, tau, _ in rules)
+        mask = None if valid.all() else valid[:, None, None, :]  # (B, 1, 1, N)
+        out, rows, h = None, torch.arange(B, device=x.device), x
+        for l, layer in enumerate(self.encoder, start=1):
+            h_new = layer(h, mask)
+            if (can_exit and l < L) or trace is not None:
+                done = torch.ones(len(rows), dtype=torch.bool, device=x.device)
+                for name, tau, m in rules:
+                    s = masked_cosine(h_new, h, m[rows])  # (b,)
+                    done &= s > tau
+                    if trace is not None:
+                        trace[name].append(s)
+                if can_exit and l < L and done.any():  # a host sync: compaction needs the rows
+                    out = x.clone() if out is None else out
+                    out[rows[done]], layers[rows[done]] = h_new[done], l
+                    keep = ~done
+                    rows, h_new = rows[keep], h_new[keep]
+                    mask = None if mask is None else mask[keep]
+                    if len(rows) == 0:
+                        return out, layers
+            h = h_new
+        if out is None:  # nobody exited early: the states are simply the last layer's
+            return h, layers
+        out[rows] = h
+        return out, layers
+
+    def encode(self, images, src, exit=None, trace=None):
+        """Memory for the decoder, LN([image ; text]), with its mask and the encoder layers run.
+        exit=None runs every layer. -> (B, M, C), (B, M) bool, (B,), (B,)"""
+        ex = exit or ExitConfig()
+        img, txt = self.embed_image(images), self.embed_text(src)
+        img_valid = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)
+        txt_valid = src != self.cfg.pad_id
+        valid = torch.cat([img_valid, txt_valid], 1)  # (B, M)
+        if self.cfg.fusion == "decomposed":
+            img, img_layers = self.run_encoder(img, img_valid, [("img", ex.img_threshold, img_valid)],
+                                               trace)
+            txt, txt_layers = self.run_encoder(txt, txt_valid, [("txt", ex.txt_threshold, txt_valid)],
+                                               trace)
+            h = torch.cat([img, txt], 1)
+        else:  # joint: one sequence with cross-modal attention, so one depth for both modalities
+            is_img = torch.zeros_like(valid)
+            is_img[:, :img.shape[1]] = True
+            rules = [("img", ex.img_threshold, is_img), ("txt", ex.txt_threshold, valid & ~is_img)]
+            h, img_layers = self.run_encoder(torch.cat([img, txt], 1), valid, rules, trace)
+            txt_layers = img_layers
+        return self.enc_ln(h), valid, img_layers, txt_layers
+
+    # -- training: teacher forcing and the layer-wise loss (Sec. 3.4) ---------------------------
+
+    def forward(self, images, src, tgt_in, targets=None):
+        """Teacher forcing with every layer. images: (B, 3, S, S), src: (B, S_src), tgt_in and
+        targets: (B, T). Returns the last layer's logits (B, T, V) and, given targets, the
+        layer-wise loss sum_l w_l * CE(head(h_l), targets), pad_id ignored."""
+        self.check_inputs(images, src, tgt_in, targets)
+        memory, valid, _, _ = self.encode(images, src)
+        mem_mask = valid[:, None, None, :]
+        T = tgt_in.shape[1]
+        x = self.drop(self.tok_emb(tgt_in) + self.tgt_pos(torch.arange(T, device=tgt_in.device)))
+        loss, weights = None, self.cfg.layer_weights()
+        for layer, w in zip(self.decoder, weights):
+            x = layer(x, memory, mem_mask)
+            if targets is not None and w > 0:
+                ce = F.cross_entropy(self.head(x).flatten(0, 1).float(), targets.flatten(),
+                                     ignore_index=self.cfg.pad_id)
+                loss = w * ce if loss is None else loss + w * ce
+        return self.head(x), loss
+
+    # -- generation with exits (Sec. 3.3) --------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, images, src, max_new_tokens, exit=None, return_logits=False):
+        """Greedy decoding with MuE's exits; exit=None (or all thresholds 1.0) is the full model.
+
+        Per step t, the working set starts as the samples still generating. After each decoder
+        layer, a sample whose signal beats Theta(t) predicts from that layer and leaves the set;
+        every deeper layer then gets a cache entry for its token computed from the exit state
+        (state propagation), and the rest go on. Encoder exits happen in `encode`.
+        """
+        if self.training:
+            raise RuntimeError("call model.eval() before generate: dropout and batch-norm "
+                               "statistics would make the output depend on chance and the batch")
+        B = self.check_inputs(images, src)
+        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.cfg.max_tgt_len:
+            raise ValueError(f"max_new_tokens must be an int in 1..{self.cfg.max_tgt_len} "
+                             f"(MuEConfig.max_tgt_len), got {max_new_tokens!r}")
+        if exit is not None and not isinstance(exit, ExitConfig):
+            raise ValueError(f"exit must be an ExitConfig or None, got {type(exit).__name__}")
+        ex, cfg, dev = exit or ExitConfig(), self.cfg, images.device
+        T, L, H = max_new_tokens, len(self.decoder), cfg.n_heads
+        memory, valid, img_layers, txt_layers = self.encode(images, src, ex)
+        mem_mask = valid[:, None, None, :]  # (B, 1, 1, M)
+
+        # Self-attention caches, one (keys, values) pair per layer, each (B, H, T, C/H).
+        def empty():
+            return memory.new_zeros(B, H, T, cfg.d_model // H)
+        caches = [(empty(), empty()) for _ in range(L)]
+        cross = CrossCache(self.decoder, memory)
+
+        tokens = torch.full((B, T), cfg.pad_id, dtype=torch.long, device=dev)
+        dec_layers = torch.zeros((B, T), dtype=torch.long, device=dev)
+        logits_out = memory.new_zeros(B, T, cfg.vocab_size) if return_logits else None
+
+        def predict(idx, logits, t, n_layers):  # samples idx emit their token t from n_layers
+            tokens[idx, t], dec_layers[idx, t] = logits.argmax(-1), n_layers
+            if return_logits:
+                logits_out[idx, t] = logits.float()
+
+        alive = torch.arange(B)  # samples still generating: on the host for bookkeeping,
+        alive_dev = alive.to(dev)  # and on the device for indexing
+        cur = torch.full((B,), cfg.bos_id, dtype=torch.long, device=dev)  # (b,) input tokens
+        for t in range(T):
+            theta = ex.dec_threshold_at(t, T)
+            h = (self.tok_emb(cur) + self.tgt_pos.weight[t])[:, None]  # (b, 1, C)
+            rows, rows_dev = alive, alive_dev  # this step's working set
+            for j, layer in enumerate(self.decoder):
+                h_new = layer.step(h, caches[j], rows_dev, t, cross.get(j, rows, rows_dev),
+                                   mem_mask[rows_dev])  # (b, 1, C)
+                if j == L - 1:  # the last layer predicts for every sample still here
+                    predict(rows_dev, self.head(h_new[:, 0]), t, L)
+                    break
+                if theta < 1.0:
+                    logits = None
+                    if ex.dec_criterion == "confidence":
+                        logits = self.head(h_new[:, 0])  # (b, V): the current token's only
+                        signal = logits.float().softmax(-1).amax(-1)
+                    else:
+                        signal = masked_cosine(h_new, h)
+                    done_dev = signal > theta  # (b,)
+                    done = done_dev.cpu()  # one host sync per layer, for the compaction
+                    if done.any():
+                        h_exit, idx = h_new[done_dev], rows_dev[done_dev]
+                        predict(idx, self.head(h_exit[:, 0]) if logits is None
+                                else logits[done_dev], t, j + 1)
+                        for deeper in range(j + 1, L):  # state propagation into skipped layers
+                            k, v = self.decoder[deeper].self_kv(h_exit)  # (e, H, 1, C/H)
+                            caches[deeper][0][idx, :, t] = k[:, :, 0]
+                            caches[deeper][1][idx, :, t] = v[:, :, 0]
+                        if done.all():
+                            break
+                        h_new, rows, rows_dev = h_new[~done_dev], rows[~done], rows_dev[~done_dev]
+                h = h_new
+            # Samples that just wrote eos are finished: drop them from the next steps.
+            cur = tokens[alive_dev, t]
+            going = (cur != cfg.eos_id).cpu()
+            if not going.any():
+                break
+            if not going.all():
+                going_dev = going.to(dev)
+                alive, alive_dev, cur = alive[going], alive_dev[going_dev], cur[going_dev]
+        n = t + 1  # steps taken
+        return Generation(tokens[:, :n], img_layers, txt_layers, dec_layers[:, :n],
+                          None if logits_out is None else logits_out[:, :n])
+
+    # -- diagnostics and baselines ---------------------------------------------------------------
+
+    @torch.inference_mode()
+    def profile(self, images, src, tgt_in):
+        """Every layer's exit signals with nothing skipped (the paper's Fig. 3), teacher-forced.
+        -> dict: "img", "txt": (B, L_enc) cosines to the previous layer (per modality on the
+        joint sequence when fusion="joint"); "dec_sim", "dec_conf": (B, T, L_dec) the decoder's
+        cosines and max-softmax confidences per target position."""
+        self.check_inputs(images, src, tgt_in)
+        trace = {"img": [], "txt": []}
+        memory, valid, _, _ = self.encode(images, src, trace=trace)
+        mem_mask = valid[:, None, None, :]
+        T = tgt_in.shape[1]
+        x = self.tok_emb(tgt_in) + self.tgt_pos(torch.arange(T, device=tgt_in.device))
+        dec_sim, dec_conf = [], []
+        for layer in self.decoder:
+            x_new = layer(x, memory, mem_mask)
+            dec_sim.append(F.cosine_similarity(x_new.float(), x.float(), dim=-1))  # (B, T)
+            dec_conf.append(self.head(x_new).float().softmax(-1).amax(-1))
+            x = x_new
+        return {"img": torch.stack(trace["img"], 1), "txt": torch.stack(trace["txt"], 1),
+                "dec_sim": torch.stack(dec_sim, -1), "dec_conf": torch.stack(dec_conf, -1)}
+
+    def truncated(self, n_enc: int, n_dec: int) -> "MuE":
+        """A static shallow model: a copy of the first n_enc encoder and n_dec decoder layers,
+        predicting through the same final LN and head (the paper's OFA-Tiny-style baseline)."""
+        if not (1 <= n_enc <= self.cfg.n_enc_layers and 1 <= n_dec <= self.cfg.n_dec_layers):
+            raise ValueError(f"truncated({n_enc}, {n_dec}) is outside the model's "
+                             f"{self.cfg.n_enc_layers} + {self.cfg.n_dec_layers} layers")
+        cfg = replace(self.cfg, n_enc_layers=n_enc, n_dec_layers=n_dec, resnet_weights="")
+        shallow = MuE(cfg).to(self.tok_emb.weight.device)
+        mine = self.state_dict()
+        shallow.load_state_dict({k: mine[k] for k in shallow.state_dict()})
+        return shallow.train(self.training)
+
+
+class CrossCache:
+    """Cross-attention keys and values of the memory, per decoder layer, computed the first time
+    a sample reaches that layer: a sample whose tokens all exit by layer k never pays for the
+    projections of the layers below it. Bookkeeping lives on the host, so it costs no sync."""
+
+    def __init__(self, decoder, memory):
+        self.decoder, self.memory = decoder, memory
+        B, H = memory.shape[0], decoder[0].cross_attn.n_heads
+        shape = (B, H, memory.shape[1], memory.shape[2] // H)
+        self.kv = [None] * len(decoder)  # per layer: (keys, values), each (B, H, M, C/H)
+        self.have = [torch.zeros(B, dtype=torch.bool) for _ in decoder]  # (B,) on the host
+        self.shape = shape
+
+    def get(self, j, rows, rows_dev):
+        """The layer-j keys and values of batch rows `rows` (host) / `rows_dev` (device)."""
+        if self.kv[j] is None:
+            self.kv[j] = (self.memory.new_empty(self.shape), self.memory.new_empty(self.shape))
+        missing = rows[~self.have[j][rows]]
+        if len(missing):
+            miss_dev = missing.to(self.memory.device)
+            k, v = self.decoder[j].cross_attn.project_kv(self.memory[miss_dev])
+            self.kv[j][0][miss_dev], self.kv[j][1][miss_dev] = k, v
+            self.have[j][missing] = True
+        return self.kv[j][0][rows_dev], self.kv[j][1][rows_dev]

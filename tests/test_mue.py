@@ -1,0 +1,406 @@
+"""Tests of mue.py: the exits against slow, obvious references, and the errors bad input gets.
+
+The models here are tiny and random, with weights drawn wider than a fresh model's, so that
+their exit signals spread across samples, layers and tokens and the thresholds have something
+to separate. Everything runs on the CPU in float32, seeded.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mue import ExitConfig, MuE, MuEConfig, masked_cosine
+
+TINY = dict(vocab_size=16, d_model=32, n_heads=2, d_ff=64, n_enc_layers=4, n_dec_layers=4,
+            image_size=32, max_src_len=12, max_tgt_len=10, dropout=0.0)
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = MuE(MuEConfig(**{**TINY, **overrides}))
+    with torch.no_grad():  # spread the signals: a fresh model's are nearly alike everywhere
+        for name, p in model.named_parameters():
+            if not name.startswith("stem") and ".ln" not in name and not name.startswith(
+                    ("enc_ln", "dec_ln")):
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def make_batch(B=8, seed=1, cfg=MuEConfig(**TINY), src_len=9):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    src = torch.randint(3, cfg.vocab_size, (B, src_len), generator=g)
+    for r in range(B):  # prompts of different lengths, so the batch carries padding
+        src[r, 3 + r % (src_len - 3):] = cfg.pad_id
+    return images, src
+
+
+def ended(tokens, eos):
+    """Number of tokens up to and including the first eos, per row (all of them if none)."""
+    return [(row == eos).nonzero()[0].item() + 1 if (row == eos).any() else len(row)
+            for row in tokens]
+
+
+# -- oracle: exits off is the plain model ----------------------------------------------------
+
+
+def slow_greedy(model, images, src, T):
+    """Greedy decoding by re-running `forward` on the whole prefix at every step."""
+    prefix = torch.full((images.shape[0], 1), model.cfg.bos_id)
+    steps = []
+    with torch.no_grad():
+        for _ in range(T):
+            logits = model(images, src, prefix)[0][:, -1]  # (B, V)
+            steps.append(logits)
+            prefix = torch.cat([prefix, logits.argmax(-1, keepdim=True)], 1)
+    return prefix[:, 1:], torch.stack(steps, 1)
+
+
+@pytest.mark.parametrize("fusion", ["decomposed", "joint"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_exit_equals_greedy_forward(fusion, seed):
+    model = make_model(seed, fusion=fusion)
+    images, src = make_batch(seed=seed + 10)
+    for exit in (None, ExitConfig()):  # None and all thresholds at 1.0 are the same thing
+        gen = model.generate(images, src, 10, exit=exit, return_logits=True)
+        tokens, logits = slow_greedy(model, images, src, 10)
+        for r, n in enumerate(ended(tokens, model.cfg.eos_id)):
+            assert torch.equal(gen.tokens[r, :n], tokens[r, :n])
+            assert (gen.tokens[r, n:] == model.cfg.pad_id).all()
+            torch.testing.assert_close(gen.logits[r, :n], logits[r, :n], atol=1e-5, rtol=1e-5)
+            assert (gen.dec_layers[r, :n] == 4).all() and (gen.dec_layers[r, n:] == 0).all()
+        assert (gen.img_layers == 4).all() and (gen.txt_layers == 4).all()
+
+
+# -- a slow reference for decoding with exits ------------------------------------------------
+
+
+def slow_encoder_exit(model, x, valid, tau):
+    """One sample, (1, N, C): run every layer, keep the state of the first layer whose cosine to
+    the previous one, over the real tokens flattened, is above tau."""
+    h = x
+    for l, layer in enumerate(model.encoder, start=1):
+        h_new = layer(h, valid[:, None, None, :])
+        s = F.cosine_similarity(h_new[valid].flatten(), h[valid].flatten(), dim=0)
+        if tau < 1 and s > tau:
+            return h_new, l
+        h = h_new
+    return h, len(model.encoder)
+
+
+def slow_generate(model, images, src, T, ex):
+    """Decode one sample at a time with no cache: every step re-runs the decoder on the whole
+    prefix, and a token that exited at layer e keeps its exit state as the input of every
+    deeper layer, which is exactly what state propagation puts into those layers' caches."""
+    cfg, L = model.cfg, len(model.decoder)
+    out = []
+    with torch.no_grad():
+        for r in range(images.shape[0]):
+            keep = src[r] != cfg.pad_id
+            s = src[r:r + 1, :int(keep.sum())]  # the prompt alone, unpadded
+            img = model.embed_image(images[r:r + 1])
+            txt = model.embed_text(s)
+            img, il = slow_encoder_exit(model, img, torch.ones(img.shape[:2], dtype=torch.bool),
+                                        ex.img_threshold)
+            txt, tl = slow_encoder_exit(model, txt, torch.ones(txt.shape[:2], dtype=torch.bool),
+                                        ex.txt_threshold)
+            memory = model.enc_ln(torch.cat([img, txt], 1))
+            mem_mask = torch.ones(1, 1, 1, memory.shape[1], dtype=torch.bool)
+            prefix, exits = [cfg.bos_id], []
+            for t in range(T):
+                theta = ex.dec_threshold_at(t, T)
+                ids = torch.tensor([prefix])
+                x = model.tok_emb(ids) + model.tgt_pos(torch.arange(len(prefix)))
+                for j, layer in enumerate(model.decoder):
+                    x_new = layer(x, memory, mem_mask)
+                    frozen = torch.tensor([e <= j for e in exits] + [False])[None, :, None]
+                    x_new = torch.where(frozen, x, x_new)
+                    if ex.dec_criterion == "confidence":
+                        signal = model.head(x_new[0, -1]).softmax(-1).max()
+                    else:
+                        signal = F.cosine_similarity(x_new[0, -1], x[0, -1], dim=0)
+                    if j == L - 1 or (theta < 1 and signal > theta):
+                        break
+                    x = x_new
+                token = model.head(x_new[0, -1]).argmax().item()
+                prefix.append(token)
+                exits.append(j + 1)
+                if token == cfg.eos_id:
+                    break
+            out.append((prefix[1:], exits, il, tl))
+    return out
+
+
+def thresholds_that_split(model, images, src, criterion):
+    """Thresholds at which the batch's exit layers differ across rows (picked from the model's
+    own signal profile, halfway between neighbouring values so that no decision is a tie)."""
+    gen = model.generate(images, src, 10)
+    tgt_in = torch.cat([torch.full((len(src), 1), model.cfg.bos_id), gen.tokens[:, :-1]], 1)
+    prof = model.profile(images, src, tgt_in)
+
+    def mid(values, q):
+        v = values.flatten().sort().values
+        i = int(q * (len(v) - 1))
+        return ((v[i] + v[i + 1]) / 2).item()
+    dec = prof["dec_conf"] if criterion == "confidence" else prof["dec_sim"]
+    return ExitConfig(img_threshold=mid(prof["img"][:, :-1], 0.5),
+                      txt_threshold=mid(prof["txt"][:, :-1], 0.5),
+                      dec_threshold=mid(dec[:, :, :-1], 0.6), dec_criterion=criterion)
+
+
+@pytest.mark.parametrize("criterion", ["confidence", "similarity"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_exits_equal_slow_reference(criterion, seed):
+    model = make_model(seed)
+    images, src = make_batch(seed=seed + 20)
+    ex = thresholds_that_split(model, images, src, criterion)
+    gen = model.generate(images, src, 10, exit=ex)
+    ref = slow_generate(model, images, src, 10, ex)
+    for r, (tokens, exits, il, tl) in enumerate(ref):
+        n = len(tokens)
+        assert gen.tokens[r, :n].tolist() == tokens
+        assert gen.dec_layers[r, :n].tolist() == exits
+        assert (gen.dec_layers[r, n:] == 0).all()
+        assert (gen.img_layers[r].item(), gen.txt_layers[r].item()) == (il, tl)
+    assert len(set(gen.dec_layers[gen.dec_layers > 0].tolist())) > 1, "thresholds split nothing"
+
+
+@pytest.mark.parametrize("schedule", ["constant", "decay"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_batch_equals_one_by_one(schedule, seed):
+    model = make_model(seed)
+    images, src = make_batch(B=8, seed=seed + 30)
+    base = thresholds_that_split(model, images, src, "confidence")
+    ex = ExitConfig(base.img_threshold, base.txt_threshold, base.dec_threshold,
+                    dec_schedule=schedule)
+    gen = model.generate(images, src, 10, exit=ex)
+    for name in ("img_layers", "txt_layers"):
+        assert len(set(getattr(gen, name).tolist())) > 1, f"{name} equal in every row"
+    assert len(set(gen.dec_layers[gen.dec_layers > 0].tolist())) > 1
+    for r in range(8):
+        s = src[r:r + 1, :int((src[r] != 0).sum())]  # alone, so without padding
+        one = model.generate(images[r:r + 1], s, 10, exit=ex)
+        n = one.tokens.shape[1]
+        assert torch.equal(gen.tokens[r, :n], one.tokens[0])
+        assert torch.equal(gen.dec_layers[r, :n], one.dec_layers[0])
+        assert (gen.img_layers[r], gen.txt_layers[r]) == (one.img_layers[0], one.txt_layers[0])
+
+
+# -- exits that must, or must not, happen ----------------------------------------------------
+
+
+@pytest.mark.parametrize("fusion", ["decomposed", "joint"])
+def test_threshold_below_every_signal_runs_one_layer(fusion):
+    model = make_model(4, fusion=fusion)
+    images, src = make_batch(seed=4)
+    for ex in (ExitConfig(-1.0, -1.0, 0.0), ExitConfig(-1.0, -1.0, -1.0, "similarity")):
+        gen = model.generate(images, src, 10, exit=ex)
+        assert (gen.img_layers == 1).all() and (gen.txt_layers == 1).all()
+        produced = gen.dec_layers > 0
+        assert produced[:, 0].all() and (gen.dec_layers[produced] == 1).all()
+
+
+def test_one_never_exits_even_with_decay():
+    ex = ExitConfig(dec_threshold=1.0, dec_schedule="decay")
+    assert ex.dec_threshold_at(9, 10) == 1.0
+    ex = ExitConfig(dec_threshold=0.99, dec_schedule="decay", dec_beta=0.95, dec_tau=1.0)
+    assert math.isclose(ex.dec_threshold_at(0, 10), 0.95 * 0.99 + 0.05)
+    assert math.isclose(ex.dec_threshold_at(5, 10), 0.95 * 0.99 + 0.05 * math.exp(-0.5))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_raising_an_encoder_threshold_never_exits_sooner(seed):
+    model = make_model(seed)
+    images, src = make_batch(seed=seed)
+    last_img = last_txt = torch.zeros(8, dtype=torch.long)
+    for tau in (-1.0, 0.0, 0.5, 0.8, 0.85, 0.9, 0.95, 1.0):
+        gen = model.generate(images, src, 1, exit=ExitConfig(tau, tau))
+        assert (gen.img_layers >= last_img).all() and (gen.txt_layers >= last_txt).all()
+        assert ((1 <= gen.img_layers) & (gen.img_layers <= 4)).all()
+        last_img, last_txt = gen.img_layers, gen.txt_layers
+    assert (last_img == 4).all() and (last_txt == 4).all()
+
+
+def test_joint_fusion_exits_both_modalities_together():
+    model = make_model(5, fusion="joint")
+    images, src = make_batch(seed=5)
+    prof = model.profile(images, src, torch.full((8, 1), 1))
+    ex = ExitConfig(prof["img"][:, 1].median().item(), -1.0)
+    gen = model.generate(images, src, 3, exit=ex)
+    assert torch.equal(gen.img_layers, gen.txt_layers)
+    assert len(set(gen.img_layers.tolist())) > 1
+
+
+def test_compaction_drops_exited_rows_from_deeper_layers():
+    """Half the batch exits after layer 1; hooks on the layers count the rows each one gets."""
+    model = make_model(6)
+    images, src = make_batch(B=8, seed=6)
+    prof = model.profile(images, src, torch.full((8, 1), 1))
+    first = prof["img"][:, 0].sort().values  # layer-1 image cosines: split them 4 / 4
+    ex = ExitConfig(img_threshold=((first[3] + first[4]) / 2).item())
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda m, args, out, l=l: seen.setdefault(
+        l, []).append(args[0].shape)) for l, layer in enumerate(model.encoder)]
+    gen = model.generate(images, src, 1, exit=ex)
+    n_img = model.grid ** 2
+    rows = [[s[0] for s in seen[l] if s[1] == n_img] for l in range(4)]  # image passes only
+    assert rows[0] == [8] and rows[1] == [4]
+    for l in range(1, 4):  # every deeper layer gets exactly the rows that had not exited yet
+        assert rows[l] == [int((gen.img_layers > l).sum())]
+    for h in hooks:
+        h.remove()
+
+    # The decoder: hooks on each layer's feed-forward block see the working set of the step.
+    tgt_in = torch.full((8, 1), model.cfg.bos_id)
+    conf = model.profile(images, src, tgt_in)["dec_conf"][:, 0, 0].sort().values
+    ex = ExitConfig(dec_threshold=((conf[3] + conf[4]) / 2).item())
+    seen = {}
+    hooks = [layer.mlp.register_forward_hook(lambda m, args, out, l=l: seen.setdefault(
+        l, []).append(args[0].shape[0])) for l, layer in enumerate(model.decoder)]
+    gen = model.generate(images, src, 1, exit=ex)
+    assert seen[0] == [8] and seen[1] == [4]
+    for l in range(1, 4):
+        assert seen.get(l, [0]) == [int((gen.dec_layers[:, 0] > l).sum())]
+    for h in hooks:
+        h.remove()
+
+
+def test_lazy_cross_attention_cache_skips_layers_nobody_reaches():
+    model = make_model(7)
+    images, src = make_batch(seed=7)
+    calls = []
+    for l, layer in enumerate(model.decoder):
+        layer.cross_attn.kv.register_forward_hook(lambda m, a, o, l=l: calls.append(l))
+    model.generate(images, src, 10, exit=ExitConfig(dec_threshold=0.0))
+    assert calls == [0]  # every token exits at layer 1: deeper memory projections never run
+
+
+# -- the layer-wise loss ---------------------------------------------------------------------
+
+
+def teacher_batch(cfg, B=4, T=7, seed=8):
+    images, src = make_batch(B=B, seed=seed, cfg=cfg)
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(3, cfg.vocab_size, (B, T), generator=g)
+    targets[1, 4:] = cfg.pad_id
+    tgt_in = torch.cat([torch.full((B, 1), cfg.bos_id), targets[:, :-1]], 1)
+    return images, src, tgt_in, targets
+
+
+def test_last_layer_weights_are_plain_cross_entropy():
+    model = make_model(8, loss_weights="last")
+    images, src, tgt_in, targets = teacher_batch(model.cfg)
+    logits, loss = model(images, src, tgt_in, targets)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)
+    torch.testing.assert_close(loss, ce)
+
+
+@pytest.mark.parametrize("weights", ["uniform", "linear"])
+def test_layerwise_loss_is_the_weighted_sum_over_layers(weights):
+    model = make_model(9, loss_weights=weights)
+    images, src, tgt_in, targets = teacher_batch(model.cfg)
+    _, loss = model(images, src, tgt_in, targets)
+    memory, valid, _, _ = model.encode(images, src)
+    x = model.tok_emb(tgt_in) + model.tgt_pos(torch.arange(tgt_in.shape[1]))
+    per_layer = []
+    for layer in model.decoder:
+        x = layer(x, memory, valid[:, None, None, :])
+        logp = model.head(x).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        real = targets != 0
+        per_layer.append(-(logp * real).sum() / real.sum())
+    w = torch.tensor([1.0] * 4 if weights == "uniform" else [1.0, 2.0, 3.0, 4.0])
+    torch.testing.assert_close(loss, (torch.stack(per_layer) * w).sum() / w.sum())
+
+
+def test_gradients_reach_the_stem_and_every_decoder_layer():
+    model = make_model(10).train()
+    images, src, tgt_in, targets = teacher_batch(model.cfg)
+    model(images, src, tgt_in, targets)[1].backward()
+    assert model.stem[0].weight.grad.abs().sum() > 0
+    for l, layer in enumerate(model.decoder):
+        assert layer.mlp[0].weight.grad.abs().sum() > 0, f"decoder layer {l + 1}"
+    # With weights only on the last layer, layer-l heads still get gradient through the stack.
+    assert model.decoder[0].self_attn.q.weight.grad.abs().sum() > 0
+
+
+def test_truncated_model_shares_the_first_layers():
+    model = make_model(11)
+    images, src = make_batch(seed=11)
+    shallow = model.truncated(2, 3)
+    assert len(shallow.encoder) == 2 and len(shallow.decoder) == 3
+    full_mem = model.encode(images, src, ExitConfig(-1.0, -1.0))[0]  # every sample stops at 1
+    torch.testing.assert_close(model.truncated(1, 1).encode(images, src)[0], full_mem)
+    gen = shallow.generate(images, src, 5)
+    assert (gen.img_layers == 2).all() and gen.dec_layers.max() == 3
+
+
+def test_masked_cosine_ignores_padding():
+    a, b = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    b2 = b.clone()
+    b2[0, 3:] = 100.0  # what padding holds must not matter
+    s = masked_cosine(a, b2, mask)
+    torch.testing.assert_close(s[0], F.cosine_similarity(a[0, :3].flatten(), b[0, :3].flatten(),
+                                                         dim=0))
+    torch.testing.assert_close(s[1], F.cosine_similarity(a[1].flatten(), b2[1].flatten(), dim=0))
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_bad_inputs_name_the_argument():
+    model = make_model(12)
+    images, src = make_batch(B=4, seed=12)
+    cases = [
+        ((images[:3], src), "src has batch size"),
+        ((images[:, :, :16, :16], src), "images must be 32x32"),
+        ((images[:, :1], src), "images must have 3 channels"),
+        ((images.long(), src), "images must be a float tensor"),
+        ((images, src.clone().fill_(16)), "src holds token ids outside"),
+        ((images, src - 5), "src holds token ids outside"),
+        ((images, src.float()), "src must be a (B, L) long tensor"),
+        ((images, torch.zeros_like(src)), "src has a row made only of padding"),
+        ((images, torch.ones(4, 13, dtype=torch.long)), "src has length 13"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            model.generate(*args, 5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(images, src, 11)
+    with pytest.raises(ValueError, match="exit must be an ExitConfig"):
+        model.generate(images, src, 5, exit={"img_threshold": 0.5})
+    tgt = torch.ones(4, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="tgt_in holds token ids outside"):
+        model(images, src, tgt * 99)
+    with pytest.raises(ValueError, match="targets shape"):
+        model(images, src, tgt, tgt[:, :3])
+    with pytest.raises(RuntimeError, match="model.eval"):
+        model.train().generate(images, src, 5)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(img_threshold=float("nan")), "img_threshold"),
+    (dict(txt_threshold=1.5), "txt_threshold"),
+    (dict(img_threshold=-1.01), "img_threshold"),
+    (dict(dec_threshold=-0.1), "dec_threshold"),
+    (dict(dec_threshold=float("nan")), "dec_threshold"),
+    (dict(dec_threshold="0.9"), "dec_threshold"),
+    (dict(dec_criterion="entropy"), "dec_criterion"),
+    (dict(dec_schedule="linear"), "dec_schedule"),
+    (dict(dec_beta=2.0), "dec_beta"),
+])
+def test_bad_exit_config_names_the_field(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ExitConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(fusion="late"), "fusion"), (dict(loss_weights="geometric"), "loss_weights"),
+    (dict(d_model=30, n_heads=4), "n_heads"), (dict(resnet_stages=5), "resnet_stages"),
+    (dict(n_dec_layers=0), "n_dec_layers"), (dict(dropout=1.0), "dropout"),
+])
+def test_bad_model_config_names_the_field(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        MuEConfig(**kwargs)
