@@ -296,7 +296,8 @@ class MuE(nn.Module):
             raise ValueError(f"images must be {cfg.image_size}x{cfg.image_size} "
                              f"(MuEConfig.image_size), got {tuple(images.shape[2:])}")
         B = images.shape[0]
-        for name, ids, max_len in (("src", src, cfg.max_src_len), ("tgt_in", tgt_in, cfg.max_tgt_len),
+        for name, ids, max_len in (("src", src, cfg.max_src_len),
+                                   ("tgt_in", tgt_in, cfg.max_tgt_len),
                                    ("targets", targets, cfg.max_tgt_len)):
             if ids is None:
                 continue
@@ -377,10 +378,10 @@ class MuE(nn.Module):
         txt_valid = src != self.cfg.pad_id
         valid = torch.cat([img_valid, txt_valid], 1)  # (B, M)
         if self.cfg.fusion == "decomposed":
-            img, img_layers = self.run_encoder(img, img_valid, [("img", ex.img_threshold, img_valid)],
-                                               trace)
-            txt, txt_layers = self.run_encoder(txt, txt_valid, [("txt", ex.txt_threshold, txt_valid)],
-                                               trace)
+            img, img_layers = self.run_encoder(
+                img, img_valid, [("img", ex.img_threshold, img_valid)], trace)
+            txt, txt_layers = self.run_encoder(
+                txt, txt_valid, [("txt", ex.txt_threshold, txt_valid)], trace)
             h = torch.cat([img, txt], 1)
         else:  # joint: one sequence with cross-modal attention, so one depth for both modalities
             is_img = torch.zeros_like(valid)
@@ -402,7 +403,7 @@ class MuE(nn.Module):
         T = tgt_in.shape[1]
         x = self.drop(self.tok_emb(tgt_in) + self.tgt_pos(torch.arange(T, device=tgt_in.device)))
         loss, weights = None, self.cfg.layer_weights()
-        for layer, w in zip(self.decoder, weights):
+        for layer, w in zip(self.decoder, weights, strict=True):
             x = layer(x, memory, mem_mask)
             if targets is not None and w > 0:
                 ce = F.cross_entropy(self.head(x).flatten(0, 1).float(), targets.flatten(),

@@ -28,7 +28,8 @@ def make_model(seed=0, **overrides):
     return model.eval()
 
 
-def make_batch(B=8, seed=1, cfg=MuEConfig(**TINY), src_len=9):
+def make_batch(B=8, seed=1, cfg=None, src_len=9):
+    cfg = cfg or MuEConfig(**TINY)
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
     src = torch.randint(3, cfg.vocab_size, (B, src_len), generator=g)
