@@ -28,7 +28,9 @@ the layer-wise loss), then generation with exits.
 """
 
 import math
-from dataclasses import dataclass, replace
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -209,6 +211,32 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn.attend(a, keys[rows, :, :t + 1], values[rows, :, :t + 1])
         x = x + self.cross_attn.attend(self.ln2(x), *cross_kv, mask=mem_mask)
         return x + self.mlp(self.ln3(x))
+
+
+class CrossCache:
+    """Cross-attention keys and values of the memory, per decoder layer, computed the first time
+    a sample reaches that layer: a sample whose tokens all exit by layer k never pays for the
+    projections of the layers below it. Bookkeeping lives on the host, so it costs no sync."""
+
+    def __init__(self, decoder, memory):
+        self.decoder, self.memory = decoder, memory
+        B, H = memory.shape[0], decoder[0].cross_attn.n_heads
+        shape = (B, H, memory.shape[1], memory.shape[2] // H)
+        self.kv = [None] * len(decoder)  # per layer: (keys, values), each (B, H, M, C/H)
+        self.have = [torch.zeros(B, dtype=torch.bool) for _ in decoder]  # (B,) on the host
+        self.shape = shape
+
+    def get(self, j, rows, rows_dev):
+        """The layer-j keys and values of batch rows `rows` (host) / `rows_dev` (device)."""
+        if self.kv[j] is None:
+            self.kv[j] = (self.memory.new_empty(self.shape), self.memory.new_empty(self.shape))
+        missing = rows[~self.have[j][rows]]
+        if len(missing):
+            miss_dev = missing.to(self.memory.device)
+            k, v = self.decoder[j].cross_attn.project_kv(self.memory[miss_dev])
+            self.kv[j][0][miss_dev], self.kv[j][1][miss_dev] = k, v
+            self.have[j][missing] = True
+        return self.kv[j][0][rows_dev], self.kv[j][1][rows_dev]
 
 
 def masked_cosine(a, b, mask=None):
@@ -533,27 +561,47 @@ class MuE(nn.Module):
         return shallow.train(self.training)
 
 
-class CrossCache:
-    """Cross-attention keys and values of the memory, per decoder layer, computed the first time
-    a sample reaches that layer: a sample whose tokens all exit by layer k never pays for the
-    projections of the layers below it. Bookkeeping lives on the host, so it costs no sync."""
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one file with the weights, the config and whatever plain data the caller adds
+# (tokenizer, step, calibrated thresholds), loadable with torch.load(weights_only=True).
 
-    def __init__(self, decoder, memory):
-        self.decoder, self.memory = decoder, memory
-        B, H = memory.shape[0], decoder[0].cross_attn.n_heads
-        shape = (B, H, memory.shape[1], memory.shape[2] // H)
-        self.kv = [None] * len(decoder)  # per layer: (keys, values), each (B, H, M, C/H)
-        self.have = [torch.zeros(B, dtype=torch.bool) for _ in decoder]  # (B,) on the host
-        self.shape = shape
 
-    def get(self, j, rows, rows_dev):
-        """The layer-j keys and values of batch rows `rows` (host) / `rows_dev` (device)."""
-        if self.kv[j] is None:
-            self.kv[j] = (self.memory.new_empty(self.shape), self.memory.new_empty(self.shape))
-        missing = rows[~self.have[j][rows]]
-        if len(missing):
-            miss_dev = missing.to(self.memory.device)
-            k, v = self.decoder[j].cross_attn.project_kv(self.memory[miss_dev])
-            self.kv[j][0][miss_dev], self.kv[j][1][miss_dev] = k, v
-            self.have[j][missing] = True
-        return self.kv[j][0][rows_dev], self.kv[j][1][rows_dev]
+def save_checkpoint(path, model: MuE, **extra):
+    """Write atomically: a temporary file in the same folder, then a rename, so that a crash
+    mid-write never leaves a half-written checkpoint where a good one was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    state = {"model": model.state_dict(), "config": asdict(model.cfg), **extra}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model in eval mode, the checkpoint dict). ValueError says what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated file, another format, pickled objects...
+        raise ValueError(f"checkpoint {path!r} cannot be read: {e}") from e
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        raise ValueError(f"checkpoint {path!r} is not a MuE checkpoint (no model and config)")
+    known = {f.name for f in fields(MuEConfig)}
+    if not set(state["config"]) <= known:
+        raise ValueError(f"checkpoint {path!r} has config fields this MuEConfig does not know: "
+                         f"{sorted(set(state['config']) - known)}")
+    cfg = MuEConfig(**{**state["config"], "resnet_weights": ""})  # the weights are in the file
+    model = MuE(cfg).to(device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path!r} does not match its config: {e}") from e
+    return model.eval(), state

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mue import ExitConfig, MuE, MuEConfig, masked_cosine
+from mue import ExitConfig, MuE, MuEConfig, load_checkpoint, masked_cosine, save_checkpoint
 
 TINY = dict(vocab_size=16, d_model=32, n_heads=2, d_ff=64, n_enc_layers=4, n_dec_layers=4,
             image_size=32, max_src_len=12, max_tgt_len=10, dropout=0.0)
@@ -346,6 +346,40 @@ def test_masked_cosine_ignores_padding():
     torch.testing.assert_close(s[0], F.cosine_similarity(a[0, :3].flatten(), b[0, :3].flatten(),
                                                          dim=0))
     torch.testing.assert_close(s[1], F.cosine_similarity(a[1].flatten(), b2[1].flatten(), dim=0))
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    model = make_model(13)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model, step=7, exits={"ve": {"img_threshold": 0.5}})
+    loaded, state = load_checkpoint(path)
+    assert state["step"] == 7 and state["exits"]["ve"]["img_threshold"] == 0.5
+    images, src = make_batch(seed=13)
+    same = loaded.generate(images, src, 5).tokens == model.generate(images, src, 5).tokens
+    assert same.all()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
+
+    good = path.read_bytes()  # a save that fails half-way leaves the old file as it was
+    with pytest.raises(TypeError):
+        save_checkpoint(path, model, step=object.__new__(type("Unpicklable", (), {
+            "__reduce__": lambda self: (_ for _ in ()).throw(TypeError("no"))})))
+    assert path.read_bytes() == good and len(list(tmp_path.iterdir())) == 1
+
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_checkpoint(tmp_path / "bad.pt")
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "config": {**state["config"], "d_model": 64}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="does not match its config"):
+        load_checkpoint(tmp_path / "other.pt")
+    torch.save({**state, "config": {**state["config"], "colour": 1}}, tmp_path / "new.pt")
+    with pytest.raises(ValueError, match="colour"):
+        load_checkpoint(tmp_path / "new.pt")
 
 
 # -- bad input -------------------------------------------------------------------------------
