@@ -1,0 +1,605 @@
+"""
+Data for MuE: a synthetic shapes world that poses both of the paper's tasks, and loaders for the
+real ones (COCO captions, SNLI-VE) from files you already have. Nothing is ever downloaded.
+
+The paper (Tang et al., CVPR 2023, sec. 4) fine-tunes OFA on SNLI-VE and COCO captioning with
+OFA's prompts. The shapes world asks the same two questions of procedurally drawn scenes:
+
+    captioning   "what does the image describe?"                    -> "a red circle and a box"
+    entailment   'does the image describe " there is a circle "?'   -> yes / no / maybe
+
+The world. A scene is a 3x3 grid holding 1 to `max_objects` items in distinct cells. An item is an
+object (circle / square / triangle, red / green / blue / yellow, small / large) or a closed box (a
+gray crate with a cross on it). Everything a text may say is in `Scene`; rendering adds only
+nuisance (background tint, thin gray clutter strokes, small jitter, pixel noise).
+
+The "maybe" rule. A closed box may hide one object of any shape, colour and size, or nothing. A
+hypothesis is "yes" if it holds whatever the box hides, "no" if it fails whatever the box hides,
+and "maybe" when the answer depends on what is inside. Every hypothesis is monotone ("there is",
+"at least k", "a ... is left of a ..."), so in practice: yes = true of the visible objects;
+maybe = false of them but true if the box held the right object (in the box's cell, for spatial
+claims); no = otherwise. A scene without a box never gets "maybe", and with a box "there is ..."
+is never "no", so the label needs the claim and the image together (alone, the hypothesis text
+predicts 43% of labels, box-or-not 58%; `python data.py` prints the mix).
+
+Hypothesis kinds, easy to hard (labels and kinds cycle with the index, so they are balanced):
+    attribute   "there is a red shape"                 one attribute
+    object      "there is a small red circle"          two or three attributes
+    count       "there are at least two circles"       k in {2, 3}
+    relation    "a red shape is left of a square"      strict column / row order on the grid
+
+Splits. A scene's key is its items and cells (no nuisance); a fixed hash of the key sends it to
+test (10%), val (10%) or train (80%) whatever the seed, and the sampler redraws until the scene
+belongs to the requested split. So train, val and test never share a scene.
+
+    python data.py                       # grid of samples -> out/shapes_samples.png, difficulty mix
+    python data.py --task ve --n 16 --out out/ve.png
+"""
+
+import json
+import os
+import random
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as OFA's ResNet stem expects
+
+CAPTION_PROMPT = "what does the image describe?"  # OFA's prompts, verbatim
+VE_PROMPT = 'does the image describe " {} "?'
+
+# -----------------------------------------------------------------------------
+# tokenizer: one id per lower-cased word or punctuation mark
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def clean(text: str) -> str:
+    """Real-data text as OFA preprocesses it: lower case, punctuation dropped, single spaces."""
+    return " ".join(re.sub(r"[^\w\s]", "", text.lower()).split())
+
+
+class Tokenizer:
+    """Word-level vocabulary. `words` is the whole list, the four specials first (ids 0..3).
+
+    Assumes texts are split by `_TOKEN` (words and single punctuation marks), so a cleaned text
+    survives decode(encode(text)) unchanged when all its words are in the vocabulary."""
+
+    pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
+
+    def __init__(self, words: list[str]):
+        assert list(words[:4]) == SPECIALS, f"the vocabulary must start with {SPECIALS}"
+        assert len(set(words)) == len(words), "duplicate words in the vocabulary"
+        self.words = list(words)
+        self.ids = {w: i for i, w in enumerate(self.words)}
+
+    @classmethod
+    def build(cls, texts, min_count: int = 1) -> "Tokenizer":
+        """From a training split: words seen at least min_count times, most frequent first."""
+        counts = Counter(w for t in texts for w in _TOKEN.findall(t.lower()))
+        kept = [w for w, c in counts.items() if c >= min_count]
+        kept.sort(key=lambda w: (-counts[w], w))  # deterministic: frequency, then alphabet
+        return cls(SPECIALS + kept)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids.get(w, UNK_ID) for w in _TOKEN.findall(text.lower())]
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids.tolist() if hasattr(ids, "tolist") else ids:
+            if i == EOS_ID:
+                break
+            if i not in (PAD_ID, BOS_ID):
+                out.append(self.words[i] if 0 <= i < len(self.words) else "<unk>")
+        return " ".join(out)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def state_dict(self) -> dict:
+        return {"words": list(self.words)}  # plain strings: fine for torch.load(weights_only=True)
+
+    @classmethod
+    def from_state_dict(cls, d) -> "Tokenizer":
+        return cls(d["words"])
+
+
+# -----------------------------------------------------------------------------
+# the shapes world: scenes, and the texts that are true of them
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+           "yellow": (235, 200, 30)}
+SIZES = ("small", "large")
+ATTRS = {"size": SIZES, "colour": tuple(COLOURS), "shape": SHAPES}
+# "a is <relation> b" when sign * (a.axis - b.axis) > 0: strictly another column / row of the grid
+RELATIONS = {"left of": ("col", -1), "right of": ("col", 1), "above": ("row", -1),
+             "below": ("row", 1)}
+NUMBERS = ("", "a", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+KINDS = ("attribute", "object", "count", "relation")
+LABELS = ("yes", "no", "maybe")  # entailment, contradiction, neutral
+SPLIT_SIZES = {"train": 100_000, "val": 500, "test": 500}  # drawn on the fly: big train is free
+MAX_CAPTION_WORDS = 16
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str | None  # None on all three: the unknown object a box might hide (matches anything)
+    colour: str | None
+    size: str | None
+    row: int
+    col: int
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]  # visible objects in reading order (row, then column)
+    box: tuple[int, int] | None  # (row, col) of the closed box, if any
+
+    def key(self) -> str:
+        """Everything a text can say about the scene, and nothing else (no jitter, no noise)."""
+        objs = ";".join(f"{o.size} {o.colour} {o.shape} {o.row}{o.col}" for o in self.objects)
+        return f"{objs}|box {self.box}"
+
+
+def split_of(scene: Scene) -> str:
+    """The one split a scene may appear in: a fixed hash, independent of any seed."""
+    h = zlib.crc32(scene.key().encode()) % 10
+    return "test" if h == 0 else "val" if h == 1 else "train"
+
+
+def captions(scene: Scene) -> list[str]:
+    """Reference captions, all true. The first, items in reading order with identical ones grouped
+    ("two red circles"), is the training target: one deterministic phrasing is easier for a small
+    model, and the others (with sizes, reversed, "there is ...", a spatial one for two items) make
+    BLEU / CIDEr reward the content rather than one word order. At most 16 words each."""
+    items = [(o.row, o.col, f"{o.colour} {o.shape}", f"{o.size} {o.colour} {o.shape}")
+             for o in scene.objects]
+    items = sorted(items + ([(*scene.box, "box", "box")] if scene.box else []))  # reading order
+
+    def listing(names):
+        groups = Counter(names)  # keeps first-appearance order
+        return " and ".join(f"a {n}" if c == 1 else f"{NUMBERS[c]} {n}s" for n, c in groups.items())
+
+    brief = listing([it[2] for it in items])
+    refs = [brief, ("there is " if brief.startswith("a ") else "there are ") + brief,
+            listing([it[3] for it in items]), listing([it[2] for it in reversed(items)])]
+    if len(items) == 2:
+        (r0, _, a, _), (r1, _, b, _) = items
+        refs.append(f"a {a} {'above' if r0 < r1 else 'left of'} a {b}")
+    refs = [r for r in dict.fromkeys(refs) if len(r.split()) <= MAX_CAPTION_WORDS]
+    assert refs and refs[0] == brief, f"caption too long: {brief!r} (fewer objects, please)"
+    return refs
+
+
+# A claim is (kind, descriptors, arg): a descriptor is {attribute: value}, arg the k of a count or
+# the relation of a spatial claim. Holding is existential, hence monotone in the set of objects.
+
+
+def _matches(o: Obj, desc: dict) -> bool:
+    return all(getattr(o, a) in (None, v) for a, v in desc.items())
+
+
+def _holds(claim, objs) -> bool:
+    kind, descs, arg = claim
+    if kind == "count":
+        return sum(_matches(o, descs[0]) for o in objs) >= arg
+    if kind == "relation":
+        axis, sign = RELATIONS[arg]
+        return any(_matches(a, descs[0]) and _matches(b, descs[1])
+                   and sign * (getattr(a, axis) - getattr(b, axis)) > 0 for a in objs for b in objs)
+    return any(_matches(o, descs[0]) for o in objs)
+
+
+def _label(claim, scene: Scene) -> str:
+    if _holds(claim, scene.objects):
+        return "yes"  # monotone: still true whatever the box adds
+    hidden = Obj(None, None, None, *scene.box) if scene.box else None  # the box's best case
+    return "maybe" if hidden and _holds(claim, scene.objects + (hidden,)) else "no"
+
+
+def _phrase(desc: dict, plural: bool = False) -> str:
+    noun = desc.get("shape", "shape") + ("s" if plural else "")
+    return " ".join([desc[a] for a in ("size", "colour") if a in desc] + [noun])
+
+
+def hypothesis(claim) -> str:
+    kind, descs, arg = claim
+    if kind == "count":
+        return f"there are at least {NUMBERS[arg]} {_phrase(descs[0], plural=True)}"
+    if kind == "relation":
+        return f"a {_phrase(descs[0])} is {arg} a {_phrase(descs[1])}"
+    return f"there is a {_phrase(descs[0])}"
+
+
+def _propose(rnd: random.Random, kind: str, objs) -> tuple:
+    def desc(lo, hi):  # half the time copy a visible object, so that "yes" is reachable quickly
+        model = rnd.choice(objs) if rnd.random() < 0.5 else None
+        return {a: getattr(model, a) if model else rnd.choice(ATTRS[a])
+                for a in rnd.sample(tuple(ATTRS), rnd.randint(lo, hi))}
+
+    if kind == "attribute":
+        return kind, (desc(1, 1),), None
+    if kind == "object":
+        return kind, (desc(2, 3),), None
+    if kind == "count":
+        return kind, (desc(1, 2),), rnd.randint(2, 3)
+    return kind, (desc(1, 2), desc(1, 2)), rnd.choice(tuple(RELATIONS))
+
+
+def render(scene: Scene, rnd: random.Random, image_size=64, grid=3, clutter=3,
+           noise=0.03) -> torch.Tensor:
+    """Draw a scene -> (3, image_size, image_size) float32, ImageNet-normalised. Jitter stays under
+    0.05 of a cell, so every object covers its cell's centre and rows / columns stay unambiguous."""
+    s, cell = image_size, image_size / grid
+    img = Image.new("RGB", (s, s), tuple(rnd.randint(215, 255) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(rnd.randint(0, clutter)):  # thin light strokes behind the items: never an object
+        g = rnd.randint(150, 200)
+        d.line([rnd.uniform(0, s) for _ in range(4)], fill=(g, g, g), width=1)
+    for o in scene.objects:
+        cx = (o.col + 0.5 + rnd.uniform(-0.05, 0.05)) * cell
+        cy = (o.row + 0.5 + rnd.uniform(-0.05, 0.05)) * cell
+        r = (0.40 if o.size == "large" else 0.24) * cell
+        fill = tuple(min(255, max(0, c + rnd.randint(-12, 12))) for c in COLOURS[o.colour])
+        if o.shape == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o.shape == "square":
+            d.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
+        else:  # pointing up; its incircle (radius 0.56 r) is centred on (cx, cy)
+            d.polygon([(cx, cy - 1.1 * r), (cx - r, cy + 0.55 * r), (cx + r, cy + 0.55 * r)],
+                      fill=fill)
+    if scene.box:
+        cx, cy = (scene.box[1] + 0.5) * cell, (scene.box[0] + 0.5) * cell
+        h, dark = 0.38 * cell, (50, 45, 40)
+        d.rectangle([cx - h, cy - h, cx + h, cy + h], fill=(128, 118, 108), outline=dark,
+                    width=max(1, s // 64))
+        d.line([cx - h, cy - h, cx + h, cy + h], fill=dark, width=1)  # the cross on the lid
+        d.line([cx - h, cy + h, cx + h, cy - h], fill=dark, width=1)
+    x = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+    if noise:
+        x = np.clip(x + np.random.default_rng(rnd.getrandbits(64)).normal(0, noise, x.shape), 0, 1)
+    x = (x - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))
+
+
+@dataclass
+class Sample:
+    image: torch.Tensor  # (3, H, W) float32, ImageNet-normalised
+    src: str  # prompt
+    tgt: str  # training target text
+    refs: list[str]  # references for evaluation: several captions, or [label]
+    task: str  # "caption" or "ve"
+
+
+@dataclass
+class Spec:
+    """Everything about a shapes sample except its pixels (cheap: no rendering)."""
+    scene: Scene
+    task: str
+    kind: str  # hypothesis kind for "ve", "caption" for captions
+    src: str
+    tgt: str
+    refs: list[str]
+
+
+class ShapesDataset(Dataset):
+    """Sample i is a pure function of (seed, split, task, i), drawn when asked, so a large size
+    costs nothing. task="multi" alternates caption (even i) and ve (odd i). VE labels cycle
+    yes / no / maybe and kinds every three VE samples, so both are balanced over any long range.
+    spec(i) / scene(i) give the texts and the scene without drawing pixels (for checks and stats).
+    p_box: chance of a box, forced for "maybe". clutter: at most this many strokes. noise: pixel
+    std on the [0, 1] scale. Defaults keep 1,000 samples under 2 s on one core."""
+
+    def __init__(self, split="train", task="multi", size=None, seed=0, image_size=64,
+                 max_objects=4, p_box=0.5, clutter=3, noise=0.03, grid=3):
+        assert split in SPLIT_SIZES, f"split must be one of {tuple(SPLIT_SIZES)}, got {split!r}"
+        assert task in ("multi", "caption", "ve"), f"task must be multi, caption or ve: {task!r}"
+        assert 2 <= max_objects < grid * grid, "need room for an object and a box"
+        self.split, self.task, self.seed, self.image_size = split, task, seed, image_size
+        self.size = SPLIT_SIZES[split] if size is None else size
+        self.max_objects, self.p_box, self.grid = max_objects, p_box, grid
+        self.clutter, self.noise = clutter, noise
+
+    def __len__(self):
+        return self.size
+
+    def _scene(self, rnd: random.Random, box: bool) -> Scene:
+        for _ in range(1000):  # val / test accept 1 draw in 10
+            n = rnd.randint(1, self.max_objects - box)  # a box takes an item slot: short captions
+            cells = [divmod(c, self.grid) for c in rnd.sample(range(self.grid**2), n + box)]
+            objs = tuple(Obj(rnd.choice(SHAPES), rnd.choice(ATTRS["colour"]), rnd.choice(SIZES),
+                             r, c) for r, c in sorted(cells[:n]))
+            scene = Scene(objs, cells[n] if box else None)
+            if split_of(scene) == self.split:
+                return scene
+        raise RuntimeError(f"no {self.split} scene in 1000 draws")
+
+    def spec(self, i: int) -> Spec:
+        if not 0 <= i < self.size:
+            raise IndexError(f"index {i} out of range for {self.size} samples")
+        # a str seed goes through sha512: the same stream in every process, whatever PYTHONHASHSEED
+        rnd = random.Random(f"shapes/{self.seed}/{self.split}/{self.task}/{i}")
+        task = ("caption", "ve")[i % 2] if self.task == "multi" else self.task
+        if task == "caption":
+            scene = self._scene(rnd, box=rnd.random() < self.p_box)
+            refs = captions(scene)
+            return Spec(scene, task, "caption", CAPTION_PROMPT, refs[0], refs)
+        j = i // 2 if self.task == "multi" else i  # index among the VE samples
+        label, kind = LABELS[j % 3], KINDS[j // 3 % len(KINDS)]
+        for _ in range(200):  # some scenes admit no claim with this label (e.g. "no" with a box)
+            scene = self._scene(rnd, box=label == "maybe" or rnd.random() < self.p_box)
+            for _ in range(30):
+                claim = _propose(rnd, kind, scene.objects)
+                if _label(claim, scene) == label:
+                    src = VE_PROMPT.format(hypothesis(claim))
+                    return Spec(scene, task, kind, src, label, [label])
+        raise RuntimeError(f"no {kind} claim labelled {label} for sample {i}")
+
+    def scene(self, i: int) -> Scene:
+        return self.spec(i).scene
+
+    def __getitem__(self, i: int) -> Sample:
+        sp = self.spec(i)
+        rnd = random.Random(f"render/{self.seed}/{self.split}/{self.task}/{i}")
+        image = render(sp.scene, rnd, self.image_size, self.grid, self.clutter, self.noise)
+        return Sample(image, sp.src, sp.tgt, sp.refs, sp.task)
+
+
+def shapes_tokenizer() -> Tokenizer:
+    """Every word the shapes grammar can produce, alphabetically (a fixed, seed-free vocabulary)."""
+    words = {w for t in (CAPTION_PROMPT, VE_PROMPT, "there is are at least and of box shape shapes")
+             for w in _TOKEN.findall(t)}
+    words |= set(SIZES) | set(COLOURS) | set(LABELS) | set(NUMBERS[1:])
+    words |= set(SHAPES) | {s + "s" for s in SHAPES} | {w for r in RELATIONS for w in r.split()}
+    return Tokenizer(SPECIALS + sorted(words))
+
+
+# -----------------------------------------------------------------------------
+# real data: COCO captions (Karpathy split) and SNLI-VE, from files already on disk
+
+
+def _transform(image_size: int):
+    # imported here: torchvision takes seconds to import and the shapes world never needs it
+    from torchvision import transforms as T
+
+    # OFA squashes to a square (no crop), bicubic; then the same normalisation as the shapes
+    return T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC,
+                               antialias=True), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def _load_image(path: str, tf, where: str) -> torch.Tensor:
+    try:  # Pillow raises OSError (incl. UnidentifiedImageError) or SyntaxError on bad files
+        with Image.open(path) as im:
+            return tf(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RuntimeError(f"cannot read image {path} ({where}): {e}") from e
+
+
+def _missing(found: list[tuple[str, str]], what: str):
+    """found: (path, where) pairs; raise once, with a count, if any path is not a file."""
+    missing = [(p, w) for p, w in found if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(found)} {what} images are missing, "
+                                f"first {missing[0][0]} ({missing[0][1]})")
+
+
+class CocoCaptions(Dataset):
+    """COCO in Karpathy's format: dataset_coco.json (images[].filepath, filename, split,
+    sentences[].tokens / raw) and a folder with <filepath>/<filename> (or flat <filename>).
+    split="train" also takes "restval", as everyone does. Train gives one sample per caption (all
+    five are training signal); val / test one per image, target the first caption. Every caption of
+    the image is a reference. Captions are cleaned like OFA's (lower case, no punctuation)."""
+
+    def __init__(self, ann_path, image_dir, split="train", image_size=64):
+        wanted = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+        assert split in wanted, f"split must be train, val or test, got {split!r}"
+        try:
+            with open(ann_path, encoding="utf-8") as f:
+                ann = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{ann_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(ann, dict) or not isinstance(ann.get("images"), list):
+            raise ValueError(f"{ann_path}: expected a top-level 'images' list (Karpathy format)")
+        self.items, found = [], []  # items: (image path, target, refs, where)
+        for k, im in enumerate(ann["images"]):
+            where = f"{ann_path}: images[{k}]"
+            try:
+                sp, name = im["split"], im["filename"]
+                refs = [clean(" ".join(s["tokens"]) if s.get("tokens") else s["raw"])
+                        for s in im["sentences"]]
+            except (KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{where}: malformed entry, {type(e).__name__}: {e}") from None
+            if sp not in ("train", "restval", "val", "test"):
+                raise ValueError(f"{where}: unknown split {sp!r}")
+            if sp not in wanted[split]:
+                continue
+            if not refs or not all(refs):
+                raise ValueError(f"{where}: no captions, or an empty one")
+            path = os.path.join(image_dir, im.get("filepath", ""), name)
+            if not os.path.isfile(path) and os.path.isfile(os.path.join(image_dir, name)):
+                path = os.path.join(image_dir, name)
+            found.append((path, where))
+            self.items += [(path, r, refs, where) for r in (refs if split == "train" else refs[:1])]
+        _missing(found, ann_path)
+        self.tf = _transform(image_size)
+
+    def __len__(self):
+        return len(self.items)
+
+    def texts(self) -> list[str]:
+        """Prompt and targets, to build a Tokenizer without decoding any image."""
+        return [CAPTION_PROMPT] + [t for _, t, _, _ in self.items]
+
+    def __getitem__(self, i) -> Sample:
+        path, tgt, refs, where = self.items[i]
+        return Sample(_load_image(path, self.tf, where), CAPTION_PROMPT, tgt, refs, "caption")
+
+
+class SnliVE(Dataset):
+    """SNLI-VE: one JSON object a line with Flickr30k_ID, sentence2 (the hypothesis) and
+    gold_label, images at <image_dir>/<Flickr30k_ID>.jpg. Labels map to OFA's answers:
+    entailment -> yes, contradiction -> no, neutral -> maybe; any other label is an error."""
+
+    LABELS = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
+
+    def __init__(self, jsonl_path, image_dir, image_size=64):
+        self.items, found = [], []  # items: (image path, prompt, label, where)
+        with open(jsonl_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{jsonl_path}:{n}"
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                need = ("Flickr30k_ID", "sentence2", "gold_label")
+                if not isinstance(r, dict) or not all(k in r for k in need):
+                    raise ValueError(f"{where}: needs the fields {', '.join(need)}")
+                if r["gold_label"] not in self.LABELS:
+                    raise ValueError(f"{where}: unknown gold_label {r['gold_label']!r}, "
+                                     f"expected one of {tuple(self.LABELS)}")
+                path = os.path.join(image_dir, f"{r['Flickr30k_ID']}.jpg")
+                found.append((path, where))
+                hyp = clean(str(r["sentence2"]))
+                if not hyp:
+                    raise ValueError(f"{where}: empty sentence2")
+                label = self.LABELS[r["gold_label"]]
+                self.items.append((path, VE_PROMPT.format(hyp), label, where))
+        _missing(found, jsonl_path)
+        self.tf = _transform(image_size)
+
+    def __len__(self):
+        return len(self.items)
+
+    def texts(self) -> list[str]:
+        return [t for _, src, tgt, _ in self.items for t in (src, tgt)]
+
+    def __getitem__(self, i) -> Sample:
+        path, src, label, where = self.items[i]
+        return Sample(_load_image(path, self.tf, where), src, label, [label], "ve")
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, H, W)
+    src: torch.Tensor  # (B, S) long, pad_id after the prompt
+    tgt_in: torch.Tensor  # (B, T) long: [bos] + target, the decoder's input
+    targets: torch.Tensor  # (B, T) long: target + [eos], pad_id where there is nothing to predict
+    src_mask: torch.Tensor  # (B, S) bool, True on real tokens
+    tgt_mask: torch.Tensor  # (B, T) bool, True on real positions (same for tgt_in and targets)
+    tasks: list[str]
+    refs: list[list[str]]
+
+    def to(self, device) -> "Batch":
+        vals = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in vals.items()})
+
+
+def collate(samples: list[Sample], tok: Tokenizer, max_src_len: int = 32, max_tgt_len: int = 32,
+            truncate: bool = False) -> Batch:
+    """Pad to the longest in the batch. max_tgt_len counts bos / eos, so a target may have
+    max_tgt_len - 1 tokens. A longer text raises ValueError, naming it, unless truncate=True (then
+    the source keeps its first max_src_len tokens, the target its first max_tgt_len - 1 and eos):
+    cutting a caption in silence would teach the model to stop mid-sentence without anyone knowing.
+    Use functools.partial(collate, tok=tok) as a DataLoader collate_fn (picklable for workers)."""
+    src = [tok.encode(s.src) for s in samples]
+    tgt = [tok.encode(s.tgt) for s in samples]
+    for k, (s, t) in enumerate(zip(src, tgt, strict=True)):
+        if not truncate and (len(s) > max_src_len or len(t) + 1 > max_tgt_len):
+            raise ValueError(
+                f"batch sample {k} ({samples[k].task}) too long: source {len(s)} tokens (max "
+                f"{max_src_len}), target {len(t)} + eos (max {max_tgt_len}); "
+                f"src={samples[k].src!r} tgt={samples[k].tgt!r}. Raise the limits or truncate=True")
+    src, tgt = [s[:max_src_len] for s in src], [t[:max_tgt_len - 1] for t in tgt]
+    B, S, Tn = len(samples), max(map(len, src)), max(map(len, tgt)) + 1
+    src_t = torch.full((B, S), PAD_ID, dtype=torch.long)
+    tgt_in = torch.full((B, Tn), PAD_ID, dtype=torch.long)
+    targets = torch.full((B, Tn), PAD_ID, dtype=torch.long)
+    for b, (s, t) in enumerate(zip(src, tgt, strict=True)):
+        src_t[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+        tgt_in[b, :len(t) + 1] = torch.tensor([BOS_ID] + t, dtype=torch.long)
+        targets[b, :len(t) + 1] = torch.tensor(t + [EOS_ID], dtype=torch.long)
+    return Batch(torch.stack([s.image for s in samples]), src_t, tgt_in, targets, src_t != PAD_ID,
+                 targets != PAD_ID, [s.task for s in samples], [s.refs for s in samples])
+
+
+# -----------------------------------------------------------------------------
+# python data.py: look at the data, and at how hard it is
+
+
+def difficulty(ds: ShapesDataset, n: int) -> dict[str, Counter]:
+    """Distributions over the first n samples, from their specs (no rendering)."""
+    names = ("objects", "box", "kind", "label", "kind/label", "caption words", "hypothesis words")
+    c = {k: Counter() for k in names}
+    for i in range(min(n, len(ds))):
+        sp = ds.spec(i)
+        c["objects"][len(sp.scene.objects)] += 1
+        c["box"][sp.scene.box is not None] += 1
+        if sp.task == "caption":
+            c["caption words"][len(sp.tgt.split())] += 1
+        else:
+            c["kind"][sp.kind] += 1
+            c["label"][sp.tgt] += 1
+            c["kind/label"][f"{sp.kind}/{sp.tgt}"] += 1
+            c["hypothesis words"][len(sp.src.split()) - 6] += 1  # the prompt adds 6 split words
+    return c
+
+
+def main():
+    import argparse
+    import textwrap
+
+    p = argparse.ArgumentParser(description="Draw shapes samples and their texts; print the mix.")
+    p.add_argument("--out", default="out/shapes_samples.png", help="PNG path")
+    p.add_argument("--n", type=int, default=16, help="samples in the grid")
+    p.add_argument("--split", default="train", choices=tuple(SPLIT_SIZES))
+    p.add_argument("--task", default="multi", choices=("multi", "caption", "ve"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--stats", type=int, default=3000, help="samples to measure the mix on")
+    args = p.parse_args()
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = ShapesDataset(args.split, args.task, seed=args.seed, image_size=args.image_size)
+    cols = 4
+    rows = -(-args.n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 4.3 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= args.n:
+            continue
+        s = ds[k]
+        img = s.image * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+        ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+        lines = [f"#{k} {s.task}: {s.src}", f"-> {s.tgt}"] + [f"ref: {r}" for r in s.refs[1:]]
+        ax.text(0.5, -0.03, "\n".join(textwrap.fill(t, 44) for t in lines), transform=ax.transAxes,
+                ha="center", va="top", fontsize=7, family="monospace")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    for name, counter in difficulty(ds, args.stats).items():
+        total = sum(counter.values())
+        shares = (f"{k} {100 * v / total:.1f}%" for k, v in sorted(counter.items()))
+        print(f"{name:>16}: " + "  ".join(shares))
+
+
+if __name__ == "__main__":
+    main()

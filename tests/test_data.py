@@ -1,0 +1,631 @@
+"""Tests for data.py: the shapes world checked against its own definition, the tokenizer, batches,
+and the real-data loaders on tiny fixtures written here. CPU, seeded, a few seconds in all.
+
+The VE and caption checks below re-derive labels and captions from the scene's object list with
+their own parser and their own semantics (possible worlds for the box), so they do not share code
+paths with the generator they check."""
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from itertools import product
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    CocoCaptions,
+    ShapesDataset,
+    SnliVE,
+    Tokenizer,
+    collate,
+    shapes_tokenizer,
+)
+
+# the world's vocabulary, written out here rather than imported, so that the checks are independent
+SHAPE_WORDS, COLOUR_WORDS, SIZE_WORDS = (
+    ("circle", "square", "triangle"),
+    ("red", "green", "blue", "yellow"),
+    ("small", "large"),
+)
+NUMBER = {"a": 1, "two": 2, "three": 3, "four": 4}
+
+
+# -----------------------------------------------------------------------------
+# an independent reading of the VE hypotheses
+
+
+def parse_desc(words):
+    """["small", "red", "circle"] -> {"size": "small", "colour": "red", "shape": "circle"}."""
+    *mods, noun = words
+    noun = (
+        noun.removesuffix("s")
+        if noun.endswith(("circles", "squares", "triangles", "shapes"))
+        else noun
+    )
+    desc = {} if noun == "shape" else {"shape": noun}
+    assert noun in SHAPE_WORDS + ("shape",), words
+    for w in mods:
+        key = "size" if w in SIZE_WORDS else "colour" if w in COLOUR_WORDS else None
+        assert key and key not in desc, words
+        desc[key] = w
+    return desc
+
+
+def parse_claim(src):
+    m = re.fullmatch(r'does the image describe " (.+) "\?', src)
+    assert m, src
+    hyp = m.group(1)
+    if m := re.fullmatch(r"there is a (.+)", hyp):
+        desc = parse_desc(m.group(1).split())
+        return ("attribute" if len(desc) == 1 else "object"), hyp, (desc,)
+    if m := re.fullmatch(r"there are at least (two|three|four) (.+)", hyp):
+        return "count", hyp, (NUMBER[m.group(1)], parse_desc(m.group(2).split()))
+    if m := re.fullmatch(r"a (.+) is (left of|right of|above|below) a (.+)", hyp):
+        return (
+            "relation",
+            hyp,
+            (parse_desc(m.group(1).split()), m.group(2), parse_desc(m.group(3).split())),
+        )
+    raise AssertionError(f"unparsed hypothesis {hyp!r}")
+
+
+def fits(obj, desc):  # obj: dict with shape, colour, size, row, col
+    return all(obj[k] == v for k, v in desc.items())
+
+
+def true_in(claim, objects):
+    kind, _, args = claim
+    if kind == "count":
+        k, desc = args
+        return len([o for o in objects if fits(o, desc)]) >= k
+    if kind == "relation":
+        d1, rel, d2 = args
+        ok = {
+            "left of": lambda a, b: a["col"] < b["col"],
+            "right of": lambda a, b: a["col"] > b["col"],
+            "above": lambda a, b: a["row"] < b["row"],
+            "below": lambda a, b: a["row"] > b["row"],
+        }[rel]
+        return any(fits(a, d1) and fits(b, d2) and ok(a, b) for a in objects for b in objects)
+    return any(fits(o, args[0]) for o in objects)
+
+
+def checked_label(claim, scene):
+    """Possible worlds: the box hides nothing or any one object; yes / no if all worlds agree."""
+    visible = [
+        dict(shape=o.shape, colour=o.colour, size=o.size, row=o.row, col=o.col)
+        for o in scene.objects
+    ]
+    worlds = [visible]
+    if scene.box is not None:
+        worlds += [
+            visible + [dict(shape=s, colour=c, size=z, row=scene.box[0], col=scene.box[1])]
+            for s, c, z in product(SHAPE_WORDS, COLOUR_WORDS, SIZE_WORDS)
+        ]
+    truths = {true_in(claim, w) for w in worlds}
+    return "yes" if truths == {True} else "no" if truths == {False} else "maybe"
+
+
+def test_ve_labels_rederived_from_the_scene_and_balanced():
+    ds = ShapesDataset("train", task="ve", size=3000, seed=3)
+    labels, kinds = Counter(), Counter()
+    for i in range(len(ds)):
+        sp = ds.spec(i)
+        claim = parse_claim(sp.src)
+        assert checked_label(claim, sp.scene) == sp.tgt, (i, sp.src, sp.scene)
+        assert sp.refs == [sp.tgt] and sp.task == "ve"
+        assert len(claim[1].split()) <= 12, claim[1]
+        labels[sp.tgt] += 1
+        kinds[claim[0], sp.tgt] += 1
+    for lab in ("yes", "no", "maybe"):
+        assert abs(labels[lab] / len(ds) - 1 / 3) <= 0.03, labels
+    # graded difficulty: every kind of hypothesis, each with every answer
+    for kind, lab in product(("attribute", "object", "count", "relation"), ("yes", "no", "maybe")):
+        assert kinds[kind, lab] >= 100, kinds
+
+
+def test_ve_labels_on_val_multitask_and_rendered_samples_match_specs():
+    ds = ShapesDataset("val", task="multi")
+    assert len(ds) == 500
+    tasks = Counter()
+    for i in range(len(ds)):
+        sp = ds.spec(i)
+        tasks[sp.task] += 1
+        if sp.task == "ve":
+            assert checked_label(parse_claim(sp.src), sp.scene) == sp.tgt
+    assert tasks == {"caption": 250, "ve": 250}
+    for i in range(6):  # __getitem__ serves exactly the spec's texts
+        s, sp = ds[i], ds.spec(i)
+        assert (s.src, s.tgt, s.refs, s.task) == (sp.src, sp.tgt, sp.refs, sp.task)
+
+
+# -----------------------------------------------------------------------------
+# captions, read back into the scene they claim to describe
+
+
+def read_caption(text):
+    """A caption -> Counter of item names ("red circle", "small red circle", "box"), plus the
+    spatial relation when it has the "a X above a Y" form."""
+    text = re.sub(r"^there (is|are) ", "", text)
+    if m := re.fullmatch(r"a (.+) (above|left of) a (.+)", text):
+        return Counter([m.group(1), m.group(3)]), (m.group(1), m.group(2), m.group(3))
+    items = Counter()
+    for part in text.split(" and "):
+        num, *words = part.split()
+        name = " ".join(words)
+        if NUMBER[num] > 1:
+            assert name.endswith("s"), part
+            name = name[:-1]
+        items[name] += NUMBER[num]
+    return items, None
+
+
+def test_captions_are_true_of_the_scene():
+    ds = ShapesDataset("test", task="caption", size=600, seed=1)
+    lengths = Counter()
+    for i in range(len(ds)):
+        sp = ds.spec(i)
+        sc = sp.scene
+        brief = Counter(
+            [f"{o.colour} {o.shape}" for o in sc.objects] + ["box"] * (sc.box is not None)
+        )
+        full = Counter(
+            [f"{o.size} {o.colour} {o.shape}" for o in sc.objects] + ["box"] * (sc.box is not None)
+        )
+        assert sp.src == "what does the image describe?" and sp.tgt == sp.refs[0]
+        assert len(set(sp.refs)) == len(sp.refs)
+        if len(brief) > 1 or sum(brief.values()) > 1:
+            assert len(sp.refs) >= 2, sp.refs  # several phrasings whenever several are possible
+        for ref in sp.refs:
+            assert len(ref.split()) <= 16, ref
+            items, rel = read_caption(ref)
+            assert items in (brief, full), (ref, sc)
+            if rel:  # "a X above a Y": two items in the scene, X strictly above (or left, same row)
+                cells = sorted([(o.row, o.col) for o in sc.objects] + ([sc.box] if sc.box else []))
+                assert len(cells) == 2
+                (r0, c0), (r1, c1) = cells
+                assert (rel[1] == "above") == (r0 < r1) and (rel[1] == "above" or c0 < c1)
+        # the target lists the items in reading order (first appearance of each name)
+        order = [
+            n
+            for _, n in sorted(
+                [((o.row, o.col), f"{o.colour} {o.shape}") for o in sc.objects]
+                + ([(sc.box, "box")] if sc.box else [])
+            )
+        ]
+        names = [
+            re.sub(r"^(a|two|three|four) ", "", p).removesuffix("s") for p in sp.tgt.split(" and ")
+        ]
+        assert names == list(dict.fromkeys(order)), (sp.tgt, sc)
+        lengths[len(sp.tgt.split())] += 1
+    assert len(lengths) >= 5, lengths  # short and long captions both occur
+
+
+# -----------------------------------------------------------------------------
+# scenes, splits, determinism, pixels
+
+
+def test_scenes_are_well_formed_and_splits_never_share_one():
+    keys = {}
+    for split, n in (("train", 2000), ("val", 500), ("test", 500)):
+        ds = ShapesDataset(split, task="multi", size=n)
+        keys[split] = set()
+        for i in range(n):
+            sc = ds.scene(i)
+            cells = [(o.row, o.col) for o in sc.objects] + ([sc.box] if sc.box else [])
+            assert len(set(cells)) == len(cells) and all(
+                0 <= r < 3 and 0 <= c < 3 for r, c in cells
+            )
+            assert 1 <= len(sc.objects) and len(cells) <= 4
+            assert data.split_of(sc) == split
+            keys[split].add(sc.key())
+    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"]
+    assert not keys["val"] & keys["test"]
+    # the scene space is small enough that independent draws would collide: the hash is what keeps
+    # the splits apart (one-object scenes alone: 24 kinds x 9 cells)
+    assert len(keys["train"]) < 2000
+
+
+def sample_bytes(ds, idx):
+    return [(ds[i].image.numpy().tobytes(), ds[i].src, ds[i].tgt, tuple(ds[i].refs)) for i in idx]
+
+
+def test_same_seed_same_bytes_other_seed_other_samples():
+    idx = range(0, 40, 3)
+    a = sample_bytes(ShapesDataset("train", seed=0), idx)
+    assert a == sample_bytes(ShapesDataset("train", seed=0), idx)
+    b = sample_bytes(ShapesDataset("train", seed=1), idx)
+    assert all(x[0] != y[0] for x, y in zip(a, b, strict=True))
+    assert sum(x[1:] != y[1:] for x, y in zip(a, b, strict=True)) >= len(a) - 2
+    s = ShapesDataset("val", seed=0)[5]
+    assert s.image.shape == (3, 64, 64) and s.image.dtype == torch.float32
+    assert ShapesDataset("val", seed=0, image_size=96)[5].image.shape == (3, 96, 96)
+
+
+FINGERPRINT = """
+import hashlib, data
+ds = data.ShapesDataset("test", seed=7)
+digest = hashlib.sha1(b"".join(ds[i].image.numpy().tobytes() + ds[i].tgt.encode()
+                           for i in range(6)))
+"""
+
+
+def test_samples_identical_in_a_fresh_process():
+    """str seeds must not depend on PYTHONHASHSEED or on anything else in this process."""
+    here = {}
+    exec(FINGERPRINT, here)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"{FINGERPRINT}print(digest.hexdigest())"
+    env = dict(os.environ, PYTHONHASHSEED="123")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == here["digest"].hexdigest()
+
+
+HUES = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+
+
+def colour_of(rgb):
+    return min(HUES, key=lambda h: sum((a - b) ** 2 for a, b in zip(rgb, HUES[h], strict=True)))
+
+
+@pytest.mark.parametrize("image_size", [64, 96])
+def test_image_shows_the_scene(image_size):
+    """Noise and clutter off: each object's colour at its cell centre, its size from its pixel
+    count, its shape from how much of its bounding box it fills; the box gray; empty cells pale."""
+    ds = ShapesDataset(
+        "train", task="multi", size=300, seed=2, image_size=image_size, noise=0, clutter=0
+    )
+    mean, std = torch.tensor(data.MEAN)[:, None, None], torch.tensor(data.STD)[:, None, None]
+    cell = image_size / 3
+    areas = {}
+    for i in range(0, len(ds), 3 if image_size == 64 else 6):
+        sc = ds.scene(i)
+        img = ((ds[i].image * std + mean) * 255).round().permute(1, 2, 0).numpy()  # (H, W, 3)
+        taken = {(o.row, o.col) for o in sc.objects} | ({sc.box} if sc.box else set())
+        for r, c in product(range(3), range(3)):
+            y, x = int((r + 0.5) * cell), int((c + 0.5) * cell)
+            px = img[y, x]
+            if sc.box == (r, c):
+                assert px.max() - px.min() < 40 and px.mean() < 170, px  # gray crate, or its cross
+            elif (r, c) not in taken:
+                assert px.min() >= 200, px
+        for o in sc.objects:
+            assert colour_of(img[int((o.row + 0.5) * cell), int((o.col + 0.5) * cell)]) == o.colour
+            y0, x0 = int(o.row * cell), int(o.col * cell)
+            patch = img[y0 : int(y0 + cell), x0 : int(x0 + cell)].astype(float)
+            hues = np.array(list(HUES.values()), dtype=float)  # (4, 3)
+            nearest = ((patch[:, :, None, :] - hues) ** 2).sum(-1).argmin(-1)  # (h, w)
+            mask = (nearest == list(HUES).index(o.colour)) & (patch.min(-1) < 150)
+            ys, xs = np.nonzero(mask)
+            fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+            expect = {"square": (0.9, 1.01), "circle": (0.65, 0.9), "triangle": (0.35, 0.65)}[
+                o.shape
+            ]
+            assert expect[0] <= fill <= expect[1], (o, fill)
+            areas.setdefault(o.shape, {}).setdefault(o.size, []).append(mask.sum())
+    for shape, by_size in areas.items():
+        assert min(by_size["large"]) > max(by_size["small"]), (shape, by_size)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def test_tokenizer_basics_and_checkpoint_roundtrip(tmp_path):
+    tok = Tokenizer.build(["A dog runs.", "a cat runs", "the dog"], min_count=2)
+    assert tok.words == ["<pad>", "<bos>", "<eos>", "<unk>", "a", "dog", "runs"]
+    assert (
+        (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id)
+        == (PAD_ID, BOS_ID, EOS_ID, UNK_ID)
+        == (0, 1, 2, 3)
+    )
+    ids = tok.encode("A DOG flies")
+    assert ids == [4, 5, UNK_ID] and len(tok) == 7
+    assert tok.decode([BOS_ID, 4, 5, PAD_ID, 6, EOS_ID, 5]) == "a dog runs"
+    assert tok.decode(torch.tensor([4, EOS_ID, 4])) == "a"
+    torch.save({"tokenizer": tok.state_dict()}, tmp_path / "ck.pt")
+    back = Tokenizer.from_state_dict(torch.load(tmp_path / "ck.pt", weights_only=True)["tokenizer"])
+    assert back.words == tok.words and back.encode("a dog flies") == ids
+    with pytest.raises(AssertionError):
+        Tokenizer(["a", "b"])
+
+
+def test_shapes_tokenizer_covers_the_grammar():
+    tok = shapes_tokenizer()
+    assert tok.words[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"] and len(tok) < 60
+    for split, task in product(("train", "test"), ("caption", "ve")):
+        ds = ShapesDataset(split, task=task, size=600, seed=4)
+        for i in range(len(ds)):
+            sp = ds.spec(i)
+            for text in [sp.src, sp.tgt, *sp.refs]:
+                ids = tok.encode(text)
+                assert UNK_ID not in ids, text
+            assert tok.decode(tok.encode(sp.tgt)) == sp.tgt
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+
+def test_collate_pads_and_shifts():
+    tok = shapes_tokenizer()
+    ds = ShapesDataset("val", task="multi", size=10)
+    samples = [ds[i] for i in range(6)]
+    b = collate(samples, tok)
+    B, S, T = len(samples), b.src.shape[1], b.targets.shape[1]
+    assert (
+        b.images.shape == (B, 3, 64, 64) and b.tgt_in.shape == (B, T) and b.src_mask.shape == (B, S)
+    )
+    assert (
+        b.src.dtype == b.tgt_in.dtype == b.targets.dtype == torch.long
+        and b.src_mask.dtype == torch.bool
+    )
+    for k, s in enumerate(samples):
+        src, tgt = tok.encode(s.src), tok.encode(s.tgt)
+        assert b.src[k, : len(src)].tolist() == src and not b.src[k, len(src) :].any()
+        assert b.src_mask[k].tolist() == [j < len(src) for j in range(S)]
+        assert b.tgt_in[k, : len(tgt) + 1].tolist() == [BOS_ID] + tgt
+        assert b.targets[k, : len(tgt) + 1].tolist() == tgt + [EOS_ID]
+        assert not b.tgt_in[k, len(tgt) + 1 :].any() and not b.targets[k, len(tgt) + 1 :].any()
+        assert b.tgt_mask[k].tolist() == [j <= len(tgt) for j in range(T)]
+        assert tok.decode(b.targets[k]) == s.tgt and torch.equal(b.images[k], s.image)
+    assert b.tasks == [s.task for s in samples] and b.refs == [s.refs for s in samples]
+    # padded to the batch's longest, no further
+    assert max(b.src_mask.sum(1)) == S and max(b.tgt_mask.sum(1)) == T
+    moved = b.to("cpu")
+    assert torch.equal(moved.targets, b.targets) and moved.refs == b.refs
+
+
+def test_collate_too_long_raises_or_truncates_on_request():
+    tok = shapes_tokenizer()
+    s = ShapesDataset("val", task="caption", size=40)
+    long = max((s[i] for i in range(40)), key=lambda x: len(x.tgt.split()))
+    n = len(tok.encode(long.tgt))
+    with pytest.raises(ValueError, match="too long"):
+        collate([long], tok, max_tgt_len=n)  # needs n + 1 with eos
+    assert collate([long], tok, max_tgt_len=n + 1).targets.shape == (1, n + 1)
+    b = collate([long], tok, max_src_len=3, max_tgt_len=4, truncate=True)
+    assert b.src.shape == (1, 3) and b.targets[0].tolist() == tok.encode(long.tgt)[:3] + [EOS_ID]
+
+
+def test_dataloader_with_workers_gives_the_same_batches():
+    tok = shapes_tokenizer()
+    ds = ShapesDataset("test", task="multi", size=12)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=4, num_workers=2, collate_fn=functools.partial(collate, tok=tok)
+    )
+    for k, b in enumerate(loader):
+        ref = collate([ds[i] for i in range(4 * k, 4 * k + 4)], tok)
+        assert torch.equal(b.images, ref.images) and torch.equal(b.targets, ref.targets)
+        assert torch.equal(b.src, ref.src) and b.refs == ref.refs
+
+
+def test_main_writes_a_png(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "grid.png"
+    monkeypatch.setattr(sys, "argv", ["data.py", "--out", str(out), "--n", "4", "--stats", "60"])
+    data.main()
+    with Image.open(out) as im:
+        assert im.size[0] > 300 and im.size[1] > 300
+    assert "kind/label" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# real-data loaders on tiny fixtures
+
+
+def jpeg(path, size, colour, mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, size, colour).save(path, "JPEG", quality=95)
+
+
+def mean_rgb(image):
+    return (
+        (image * torch.tensor(data.STD)[:, None, None] + torch.tensor(data.MEAN)[:, None, None])
+        * 255
+    ).mean((1, 2))
+
+
+@pytest.fixture
+def coco(tmp_path):
+    root = tmp_path / "coco"
+    entries = [  # filepath, filename, split, size, colour, sentences
+        (
+            "train2014",
+            "a.jpg",
+            "train",
+            (40, 30),
+            (200, 30, 30),
+            [
+                {"raw": "A man riding a horse.", "tokens": ["a", "man", "riding", "a", "horse"]},
+                {"raw": "A person on a Horse!"},
+            ],
+        ),
+        ("val2014", "b.jpg", "restval", (100, 80), (30, 200, 30), [{"raw": "Two dogs, playing."}]),
+        (
+            "val2014",
+            "c.jpg",
+            "val",
+            (64, 64),
+            (30, 30, 200),
+            [{"raw": "A zebra grazing."}, {"raw": "Zebra in grass"}],
+        ),
+        ("val2014", "d.jpg", "test", (50, 120), 128, [{"raw": "A gray wall."}]),
+    ]
+    for fp, fn, _, size, colour, _ in entries:
+        jpeg(str(root / fp / fn), size, colour, mode="L" if isinstance(colour, int) else "RGB")
+    ann = {
+        "dataset": "coco",
+        "images": [
+            {"filepath": fp, "filename": fn, "split": sp, "sentences": s}
+            for fp, fn, sp, _, _, s in entries
+        ],
+    }
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(ann, indent=1))
+    return path, root
+
+
+def test_coco_loads_each_split(coco):
+    ann, root = coco
+    train = CocoCaptions(ann, root, split="train")
+    assert len(train) == 3  # train + restval, one sample per caption
+    s = train[0]
+    assert (
+        s.image.shape == (3, 64, 64)
+        and s.task == "caption"
+        and s.src == "what does the image describe?"
+    )
+    assert s.tgt == "a man riding a horse" and s.refs == [
+        "a man riding a horse",
+        "a person on a horse",
+    ]
+    assert train[1].tgt == "a person on a horse" and train[2].tgt == "two dogs playing"
+    assert abs(mean_rgb(s.image) - torch.tensor([200.0, 30, 30])).max() < 12
+    val = CocoCaptions(ann, root, split="val", image_size=32)
+    assert len(val) == 1 and val[0].image.shape == (3, 32, 32)
+    assert val[0].tgt == "a zebra grazing" and val[0].refs == ["a zebra grazing", "zebra in grass"]
+    test = CocoCaptions(ann, root, split="test")
+    assert abs(mean_rgb(test[0].image) - 128).max() < 6  # a grayscale JPEG comes out as RGB
+    tok = Tokenizer.build(train.texts())
+    assert tok.encode("a zebra") == [tok.ids["a"], UNK_ID]
+    assert shapes_tokenizer().encode(s.tgt)[:2] == [shapes_tokenizer().ids["a"], UNK_ID]
+
+
+def test_coco_flat_image_folder(coco, tmp_path):
+    ann, root = coco
+    flat = tmp_path / "flat"
+    for fp in ("train2014", "val2014"):
+        for f in os.listdir(root / fp):
+            os.makedirs(flat, exist_ok=True)
+            os.replace(root / fp / f, flat / f)
+    assert len(CocoCaptions(ann, flat, split="train")) == 3
+
+
+def test_coco_errors_name_the_file_and_entry(coco, tmp_path):
+    ann, root = coco
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        CocoCaptions(tmp_path / "nope.json", root)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [\n  {"split": "train",,}\n]}')
+    with pytest.raises(ValueError, match=r"bad\.json:2"):
+        CocoCaptions(bad, root)
+    good = json.loads(ann.read_text())
+    for mutate, err, pattern in [
+        (
+            lambda a: a["images"][1].update(split="holdout"),
+            ValueError,
+            r"images\[1\]: unknown split",
+        ),
+        (lambda a: a["images"][0].pop("filename"), ValueError, r"images\[0\]: malformed"),
+        (lambda a: a["images"][1].update(sentences=[]), ValueError, r"images\[1\]: no captions"),
+        (
+            lambda a: a["images"][1].update(filename="gone.jpg"),
+            FileNotFoundError,
+            r"gone\.jpg.*images\[1\]",
+        ),
+    ]:
+        a = json.loads(json.dumps(good))
+        mutate(a)
+        ann.write_text(json.dumps(a))
+        with pytest.raises(err, match=pattern):
+            CocoCaptions(ann, root, split="train")
+    ann.write_text(json.dumps(good))
+    (root / "train2014" / "a.jpg").write_bytes(b"this is not a jpeg")
+    ds = CocoCaptions(ann, root)  # existence is checked eagerly, decoding only when asked
+    with pytest.raises(RuntimeError, match=re.escape(str(root / "train2014" / "a.jpg"))):
+        ds[0]
+    good_bytes = (root / "val2014" / "b.jpg").read_bytes()
+    (root / "val2014" / "b.jpg").write_bytes(good_bytes[: len(good_bytes) // 2])  # truncated JPEG
+    with pytest.raises(RuntimeError, match=r"b\.jpg.*images\[1\]"):
+        ds[2]
+
+
+@pytest.fixture
+def snli(tmp_path):
+    images = tmp_path / "flickr30k_images"
+    for fid, size, colour in (("101", (120, 90), (220, 200, 40)), ("202", (33, 47), (20, 20, 20))):
+        jpeg(str(images / f"{fid}.jpg"), size, colour)
+    rows = [
+        {
+            "Flickr30k_ID": "101",
+            "sentence1": "x",
+            "sentence2": "Two dogs run outside.",
+            "gold_label": "entailment",
+        },
+        {"Flickr30k_ID": "101", "sentence2": "A cat sleeps", "gold_label": "contradiction"},
+        {"Flickr30k_ID": 202, "sentence2": "The man is going to work.", "gold_label": "neutral"},
+    ]
+    path = tmp_path / "snli_ve_dev.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    return path, images, rows
+
+
+def test_snli_ve_loads(snli):
+    path, images, _ = snli
+    ds = SnliVE(path, images, image_size=48)
+    assert len(ds) == 3
+    assert [ds[i].tgt for i in range(3)] == ["yes", "no", "maybe"]
+    s = ds[0]
+    assert (
+        s.src == 'does the image describe " two dogs run outside "?'
+        and s.refs == ["yes"]
+        and s.task == "ve"
+    )
+    assert (
+        s.image.shape == (3, 48, 48)
+        and abs(mean_rgb(s.image) - torch.tensor([220.0, 200, 40])).max() < 12
+    )
+    assert ds[2].image.shape == (3, 48, 48)
+    tok = Tokenizer.build(ds.texts())
+    assert {"yes", "no", "maybe", '"', "?"} <= set(tok.words)
+    assert collate([ds[i] for i in range(3)], tok).targets[:, 0].tolist() == [
+        tok.ids[w] for w in ("yes", "no", "maybe")
+    ]
+
+
+def test_snli_ve_errors_name_the_file_and_line(snli, tmp_path):
+    path, images, rows = snli
+    lines = [json.dumps(r) for r in rows]
+
+    def write(*ls):
+        path.write_text("\n".join(ls) + "\n")
+
+    write(lines[0], "", '{"Flickr30k_ID": "101", "sentence2": oops}')
+    with pytest.raises(ValueError, match=r"snli_ve_dev\.jsonl:3: not valid JSON"):
+        SnliVE(path, images)
+    write(lines[0], json.dumps({**rows[1], "gold_label": "-"}))
+    with pytest.raises(ValueError, match=r"snli_ve_dev\.jsonl:2: unknown gold_label '-'"):
+        SnliVE(path, images)
+    write(json.dumps({"Flickr30k_ID": "101", "gold_label": "neutral"}))
+    with pytest.raises(ValueError, match=r":1: needs the fields"):
+        SnliVE(path, images)
+    write(lines[0], json.dumps({**rows[1], "Flickr30k_ID": "999"}))
+    with pytest.raises(FileNotFoundError, match=r"999\.jpg.*snli_ve_dev\.jsonl:2"):
+        SnliVE(path, images)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        SnliVE(tmp_path / "missing.jsonl", images)
+    write(*lines)
+    (images / "202.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    ds = SnliVE(path, images)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=3,
+        num_workers=1,
+        collate_fn=functools.partial(collate, tok=shapes_tokenizer()),
+    )
+    # the worker's error reaches the main process still naming the image and the line
+    with pytest.raises(RuntimeError, match=re.escape(str(images / "202.jpg")) + r".*jsonl:3"):
+        next(iter(loader))
