@@ -76,8 +76,10 @@ class Tokenizer:
     pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
 
     def __init__(self, words: list[str]):
-        assert list(words[:4]) == SPECIALS, f"the vocabulary must start with {SPECIALS}"
-        assert len(set(words)) == len(words), "duplicate words in the vocabulary"
+        if list(words[:4]) != SPECIALS:
+            raise ValueError(f"the vocabulary must start with {SPECIALS}")
+        if len(set(words)) != len(words):
+            raise ValueError("duplicate words in the vocabulary")
         self.words = list(words)
         self.ids = {w: i for i, w in enumerate(self.words)}
 
@@ -301,9 +303,12 @@ class ShapesDataset(Dataset):
 
     def __init__(self, split="train", task="multi", size=None, seed=0, image_size=64,
                  max_objects=4, p_box=0.5, clutter=3, noise=0.03, grid=3):
-        assert split in SPLIT_SIZES, f"split must be one of {tuple(SPLIT_SIZES)}, got {split!r}"
-        assert task in ("multi", "caption", "ve"), f"task must be multi, caption or ve: {task!r}"
-        assert 2 <= max_objects < grid * grid, "need room for an object and a box"
+        if split not in SPLIT_SIZES:
+            raise ValueError(f"split must be one of {tuple(SPLIT_SIZES)}, got {split!r}")
+        if task not in ("multi", "caption", "ve"):
+            raise ValueError(f"task must be multi, caption or ve: {task!r}")
+        if not (2 <= max_objects < grid * grid):
+            raise ValueError("need room for an object and a box")
         self.split, self.task, self.seed, self.image_size = split, task, seed, image_size
         self.size = SPLIT_SIZES[split] if size is None else size
         self.max_objects, self.p_box, self.grid = max_objects, p_box, grid
@@ -401,7 +406,8 @@ class CocoCaptions(Dataset):
 
     def __init__(self, ann_path, image_dir, split="train", image_size=64):
         wanted = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
-        assert split in wanted, f"split must be train, val or test, got {split!r}"
+        if split not in wanted:
+            raise ValueError(f"split must be train, val or test, got {split!r}")
         try:
             with open(ann_path, encoding="utf-8") as f:
                 ann = json.load(f)

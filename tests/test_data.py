@@ -24,6 +24,7 @@ from data import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
+    SPECIALS,
     UNK_ID,
     CocoCaptions,
     ShapesDataset,
@@ -339,8 +340,10 @@ def test_tokenizer_basics_and_checkpoint_roundtrip(tmp_path):
     torch.save({"tokenizer": tok.state_dict()}, tmp_path / "ck.pt")
     back = Tokenizer.from_state_dict(torch.load(tmp_path / "ck.pt", weights_only=True)["tokenizer"])
     assert back.words == tok.words and back.encode("a dog flies") == ids
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="must start with"):
         Tokenizer(["a", "b"])
+    with pytest.raises(ValueError, match="duplicate"):
+        Tokenizer(SPECIALS + ["a", "a"])
 
 
 def test_shapes_tokenizer_covers_the_grammar():
