@@ -1,0 +1,792 @@
+"""What MuE's exits save, measured three ways side by side, and the figures to see it.
+
+Tang et al., "You Need Multiple Exiting", CVPR 2023 (arXiv 2211.11152), report one efficiency
+number, the "expected time reduction" 1 - (layers used) / (layers in the model) (Sec. 4, Tables
+1-3). This file reports it next to two numbers that can disagree with it: a FLOP-weighted
+reduction (the ResNet stem runs in full whatever exits, image tokens outnumber text tokens, a
+decoder layer runs once per generated word) and the wall-clock speedup measured against the full
+model, with the ratio measured / FLOP-predicted beside it, so that a saving which never becomes
+time shows up as a ratio below 1.
+
+    python eval.py --ckpt out/ckpt.pt                             # full vs MuE vs baselines, test
+    python eval.py --ckpt out/ckpt.pt --calibrate --target 0.99   # thresholds from val, stored
+    python eval.py --ckpt out/ckpt.pt --sweep                     # threshold grid, trade-off PNG
+    python eval.py --ckpt out/ckpt.pt --ablation out/joint.pt --ablation out/last.pt
+
+Writes under --out: profiles.png (the paper's Fig. 3: each layer's cosine to the one below it),
+exits.png (where the image, the text and each generated word exited), words.png (a few captions,
+word by layer) and, with --sweep, sweep.png. --json PATH gets every number of the tables.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+
+from data import CocoCaptions, ShapesDataset, SnliVE, Tokenizer, collate
+from mue import ExitConfig, load_checkpoint, save_checkpoint
+
+# Thresholds (image / text / decoder) of the authors' scripts, used when a checkpoint carries no
+# calibrated ones. A small model trained from scratch has its own similarity profile, so these are
+# a starting point, not an answer: run --calibrate.
+PAPER_EXITS = {"ve": ExitConfig(0.7, 0.99, 0.7), "caption": ExitConfig(0.99, 0.7, 0.9)}
+KNOB_FIELDS = {"img": "img_threshold", "txt": "txt_threshold", "dec": "dec_threshold"}
+
+# ----------------------------------------------------------------------------------------------
+# Quality: VE accuracy, caption BLEU-4 and CIDEr-D (pycocoevalcap's scorers, as everyone reports).
+
+
+def words(text: str) -> str:
+    """Lower case, punctuation dropped, single spaces. Outputs and references go through this
+    before scoring; the COCO toolkit's PTB tokenizer would need Java."""
+    return " ".join(re.sub(r"[^\w\s]", "", text.lower()).split())
+
+
+def caption_scores(preds: list[str], refs: list[list[str]]) -> tuple[float, float]:
+    """Corpus BLEU-4 and CIDEr-D, raw (BLEU in [0, 1], CIDEr-D up to 10). CIDEr-D takes its idf
+    from the references of the scored set, so it compares configurations on the same samples
+    only, which is how this file uses it."""
+    gts = {i: [words(r) for r in rs] for i, rs in enumerate(refs)}
+    res = {i: [words(p)] for i, p in enumerate(preds)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return float(bleu[3]), float(cider)
+
+
+def quality(task: str, preds: list[str], refs: list[list[str]]) -> dict:
+    """In percent, as papers print them. "quality" is what retention is computed on: VE
+    accuracy (the answer against refs[0]) or CIDEr-D."""
+    if task == "ve":
+        acc = 100 * sum(words(p) == words(r[0]) for p, r in zip(preds, refs, strict=True))
+        return {"quality": acc / len(preds), "accuracy": acc / len(preds)}
+    if task == "caption":
+        bleu, cider = caption_scores(preds, refs)
+        return {"quality": 100 * cider, "cider": 100 * cider, "bleu4": 100 * bleu}
+    raise ValueError(f"unknown task {task!r}: expected 'caption' or 've'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost of one sample, from its own exits. MACs (multiply-accumulates) of the matrix products:
+# convolutions, linear layers and the two attention products. Norms, activations, softmax,
+# pooling and the exit cosines are O(tokens x width) and left out, as is customary; what they and
+# Python cost shows up in the measured / predicted ratio instead.
+
+
+def stem_macs(model) -> int:
+    """MACs of the ResNet stem on one image, counted by hooks on its convolutions."""
+    total = 0
+
+    def hook(conv, inputs, out):
+        nonlocal total
+        kh, kw = conv.kernel_size
+        total += out.numel() * conv.in_channels // conv.groups * kh * kw
+
+    convs = [m for m in model.stem.modules() if isinstance(m, nn.Conv2d)]
+    handles = [c.register_forward_hook(hook) for c in convs]
+    was_training, S = model.stem.training, model.cfg.image_size
+    model.stem.eval()  # a forward in training mode would move the batch-norm statistics
+    try:
+        with torch.no_grad():
+            model.stem(torch.zeros(1, 3, S, S, device=model.tok_emb.weight.device))
+    finally:
+        model.stem.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
+
+
+def sample_macs(model, ex, stem: int, n_txt: int, img_l: int, txt_l: int, dec: list[int]) -> int:
+    """MACs of one sample as `MuE.generate` runs it. n_txt: its real prompt tokens (padding is an
+    artefact of batching, absent at batch size 1); img_l, txt_l: encoder layers run per modality;
+    dec: decoder layers run for each generated token, eos included."""
+    cfg = model.cfg
+    C, Ff, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_dec_layers
+    n_img, c_stem = model.grid ** 2, model.img_proj.in_features
+
+    def enc_layer(n):  # q, k, v, out projections; QK^T and AV; the MLP
+        return 4 * n * C * C + 2 * n * n * C + 2 * n * C * Ff
+
+    macs = stem + n_img * c_stem * C  # the stem, then the patch projection
+    if cfg.fusion == "decomposed":
+        macs += img_l * enc_layer(n_img) + txt_l * enc_layer(n_txt)
+    else:  # joint: one sequence, one depth
+        macs += img_l * enc_layer(n_img + n_txt)
+    M = n_img + n_txt  # memory the decoder cross-attends to
+    macs += max(dec) * 2 * M * C * C  # cross-attention K/V of the memory, once per layer reached
+    ex = ex or ExitConfig()
+    heads_at_every_layer = ex.dec_criterion == "confidence" and ex.dec_threshold < 1.0
+    for t, k in enumerate(dec):  # token t (0-based) ran layers 1..k
+        per_layer = (4 * C * C + 2 * (t + 1) * C  # self-attention over positions 0..t
+                     + 2 * C * C + 2 * M * C  # cross-attention: q, out; QK^T and AV
+                     + 2 * C * Ff)  # MLP
+        macs += k * per_layer + (k if heads_at_every_layer else 1) * C * V
+        macs += (L - k) * 2 * C * C  # state propagation: K/V for each layer it skipped
+    return macs
+
+
+def layer_reduction(img_l, txt_l, dec: list[int], n_enc: int, n_dec: int) -> float:
+    """The paper's expected time reduction for one sample: 1 - (mean of the image and text
+    encoder depths + mean decoder layers per generated token) / (encoder + decoder depth)."""
+    return 1 - ((img_l + txt_l) / 2 + sum(dec) / len(dec)) / (n_enc + n_dec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running configurations: a configuration is (name, model, ExitConfig or None = every layer).
+
+
+@dataclass
+class TaskData:
+    samples: list  # data.Sample, the first n of the split for this task
+    batches: list  # data.Batch of up to batch_size, on the device
+    max_new: int  # generation budget: the longest reference, plus eos and a margin
+
+
+@dataclass
+class Run:
+    """One configuration on one task's samples: per sample, in order, what it said and cost."""
+
+    preds: list = field(default_factory=list)  # decoded texts
+    tokens: list = field(default_factory=list)  # generated ids, one per entry of dec
+    refs: list = field(default_factory=list)
+    img: list = field(default_factory=list)  # encoder layers on the image tokens
+    txt: list = field(default_factory=list)  # encoder layers on the text tokens
+    dec: list = field(default_factory=list)  # decoder layers per generated token
+    macs: list = field(default_factory=list)
+    seconds: list = field(default_factory=list)  # per unit (batch or sample), median of repeats
+
+    def add(self, model, ex, batch, g, tok, stem):
+        n_txt = (batch.src != model.cfg.pad_id).sum(1).tolist()
+        img, txt, dec = g.img_layers.tolist(), g.txt_layers.tolist(), g.dec_layers.tolist()
+        for b in range(len(n_txt)):
+            d = [k for k in dec[b] if k > 0]  # 0 = after the sequence ended
+            self.preds.append(tok.decode(g.tokens[b]))
+            self.tokens.append(g.tokens[b, :len(d)].tolist())
+            self.img.append(img[b])
+            self.txt.append(txt[b])
+            self.dec.append(d)
+            self.macs.append(sample_macs(model, ex, stem, n_txt[b], img[b], txt[b], d))
+        self.refs += batch.refs
+
+
+def prepare(dataset, tok, cfg, n, batch_size, device) -> dict[str, TaskData]:
+    """The first n samples of `dataset` (all if n is None), grouped by task and collated once,
+    reused by every configuration (rendering or decoding images is not what we want to time)."""
+    by_task = {}
+    for i in range(len(dataset) if n is None else min(n, len(dataset))):
+        s = dataset[i]
+        by_task.setdefault(s.task, []).append(s)
+    out = {}
+    for task, samples in by_task.items():
+        batches = [collate(samples[i:i + batch_size], tok, cfg.max_src_len, cfg.max_tgt_len,
+                           truncate=True).to(device) for i in range(0, len(samples), batch_size)]
+        longest = max(len(tok.encode(r)) for s in samples for r in s.refs)
+        out[task] = TaskData(samples, batches, min(cfg.max_tgt_len, longest + 3))
+    return out
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_configs(configs, units, tok, max_new, repeats=1, warmup=False) -> list[Run]:
+    """Every configuration on every unit (a batch), `repeats` rounds. Within a round the order
+    rotates from one unit and round to the next, so that drifts in the machine's load fall on all
+    configurations alike. A unit's time is the median over rounds; the outputs are round 0's."""
+    runs, stems = [Run() for _ in configs], [stem_macs(m) for _, m, _ in configs]
+    times = [[[] for _ in units] for _ in configs]  # config -> unit -> seconds per round
+    dev = units[0].images.device
+    if warmup:  # first calls at a new shape allocate and pick kernels: not what we time
+        for _, m, ex in configs:
+            m.generate(units[0].images, units[0].src, max_new, exit=ex)
+    for r in range(repeats):
+        for u, batch in enumerate(units):
+            for c in [(r + u + k) % len(configs) for k in range(len(configs))]:
+                _, m, ex = configs[c]
+                sync(dev)
+                t0 = time.perf_counter()
+                g = m.generate(batch.images, batch.src, max_new, exit=ex)
+                sync(dev)
+                times[c][u].append(time.perf_counter() - t0)
+                if r == 0:
+                    runs[c].add(m, ex, batch, g, tok, stems[c])
+    for run, ts in zip(runs, times, strict=True):
+        run.seconds = [statistics.median(t) for t in ts]
+    return runs
+
+
+def summarize(name, task, run: Run, full: Run, q_full, depth, ex) -> dict:
+    """A row: quality, retention against the full model, layers, the paper's layer-count
+    reduction (averaged over samples) and the FLOP-weighted one (total MACs against the full
+    model's on the same samples, each generating its own text)."""
+    q = quality(task, run.preds, run.refs)
+    macs, full_macs = sum(run.macs), sum(full.macs)
+    return {"name": name, "task": task, **q,
+            "retention": q["quality"] / q_full if q_full > 0 else None,
+            "img_layers": statistics.fmean(run.img), "txt_layers": statistics.fmean(run.txt),
+            "dec_layers": statistics.fmean(sum(d) / len(d) for d in run.dec),
+            "layer_reduction": statistics.fmean(layer_reduction(i, t, d, *depth) for i, t, d
+                                                in zip(run.img, run.txt, run.dec, strict=True)),
+            "flop_reduction": 1 - macs / full_macs, "flop_speedup": full_macs / macs,
+            "gmacs_per_sample": macs / len(run.macs) / 1e9,
+            "thresholds": None if ex is None else asdict(ex), "samples": len(run.preds)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Threshold candidates come from the model's own exit signals on the data (MuE.profile): a
+# quantile q of a signal over the layers where an exit is possible is a threshold that the
+# (sample, layer) pairs above it would pass. A small model trained from scratch has its own
+# similarity profile; a fixed grid would mostly land where nothing, or everything, exits.
+
+
+def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]]:
+    """Per knob, candidate ExitConfig fields, most conservative first. Decomposed: img, txt and
+    dec apart; joint fusion exits only when both modalities' rules agree, so img and txt move
+    together as one knob (at the same quantile level)."""
+    L_enc, L_dec = model.cfg.n_enc_layers, model.cfg.n_dec_layers
+    sig = {"img": [], "txt": [], "dec": []}
+    key = "dec_conf" if base.dec_criterion == "confidence" else "dec_sim"
+    for batch in td.batches[:2]:
+        p = model.profile(batch.images, batch.src, batch.tgt_in)
+        sig["img"].append(p["img"][:, :L_enc - 1].flatten())
+        sig["txt"].append(p["txt"][:, :L_enc - 1].flatten())
+        sig["dec"].append(p[key][:, :, :L_dec - 1][batch.tgt_mask].flatten())
+    cands = {}
+    for name, vals in sig.items():
+        v = torch.cat(vals).float().cpu()
+        low = 0.0 if name == "dec" and key == "dec_conf" else -1.0
+        cands[name] = [] if v.numel() == 0 else [
+            min(max(round(torch.quantile(v, lv).item(), 6), low), 0.999999) for lv in levels]
+    if model.cfg.fusion == "joint":
+        out = {"enc": [{"img_threshold": a, "txt_threshold": b}
+                       for a, b in zip(cands["img"], cands["txt"], strict=True)]}
+    else:
+        out = {k: [{KNOB_FIELDS[k]: v} for v in cands[k]] for k in ("img", "txt")}
+    out["dec"] = [{"dec_threshold": v} for v in cands["dec"]]
+    return {k: [c for i, c in enumerate(v) if c not in v[:i]] for k, v in out.items() if v}
+
+
+def calibrate(model, val_set, tok, device, target=0.99, batch_size=32, n=None, base=None,
+              levels=(0.95, 0.85, 0.7, 0.5, 0.3, 0.1), log=print) -> dict[str, ExitConfig]:
+    """Per task in the first n samples of val_set: the thresholds keeping at least `target` x the
+    full model's quality there, with the largest FLOP-weighted saving. base carries the decoder
+    criterion and schedule; its thresholds are ignored."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target must be in (0, 1], got {target}")
+    data = prepare(val_set, tok, model.cfg, n, batch_size, device)
+    return {task: calibrate_task(model, task, td, tok, target, base or ExitConfig(), levels, log)
+            for task, td in data.items()}
+
+
+def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log) -> ExitConfig:
+    """Coordinate search, then a joint check. Each knob (image, text, decoder) is tried alone at
+    every candidate and keeps its passing candidate with the largest saving; the combination is
+    then run, and while it misses the target, the knob whose own choice lost the most quality
+    steps back to its next passing candidate (the full model always passes). About 20 runs over
+    the val subset instead of a grid's hundreds: the knobs' losses roughly add up, so the joint
+    check rarely needs more than a step or two."""
+    t0 = time.perf_counter()
+    never = {f: 1.0 for f in KNOB_FIELDS.values()}
+    full = run_configs([("full", model, None)], td.batches, tok, td.max_new)[0]
+    q_full = quality(task, full.preds, full.refs)["quality"]
+    need, seen = target * q_full, {}
+
+    def trial(fields_):  # -> (quality, FLOP-weighted saving) of these thresholds, others at 1
+        key = tuple(sorted(fields_.items()))
+        if key not in seen:
+            ex = replace(base, **{**never, **fields_})
+            r = run_configs([("", model, ex)], td.batches, tok, td.max_new)[0]
+            seen[key] = (quality(task, r.preds, r.refs)["quality"],
+                         1 - sum(r.macs) / sum(full.macs))
+        return seen[key]
+
+    passing = {}  # knob -> [(fields, quality, saving)] that pass alone, largest saving first
+    for knob, cands in knobs(model, td, base, levels).items():
+        tried = [(c, *trial(c)) for c in cands]
+        passing[knob] = sorted((t for t in tried if t[1] >= need and t[2] > 0),
+                               key=lambda t: -t[2])  # a decoder that never exits costs heads
+        log(f"calibrate {task} | {knob} alone: " + ", ".join(
+            f"{'/'.join(f'{v:.6g}' for v in c.values())} -> {q:.1f} ({-100 * s:+.1f}% FLOPs)"
+            for c, q, s in tried))
+    pick = {k: 0 for k, v in passing.items() if v}  # knob -> index into passing[k]
+    chosen, q, saving = {}, q_full, 0.0
+    while pick:
+        fields_ = {f: v for k, i in pick.items() for f, v in passing[k][i][0].items()}
+        q, saving = trial(fields_)
+        if q >= need:
+            chosen = fields_
+            break
+        worst = min(pick, key=lambda k: passing[k][pick[k]][1])  # lost the most on its own
+        pick[worst] += 1
+        if pick[worst] == len(passing[worst]):
+            del pick[worst]
+    else:
+        q, saving = q_full, 0.0  # nothing passes together: the full model
+    ex = replace(base, **{**never, **chosen})
+    log(f"calibrate {task} | full {q_full:.1f} | chosen {_thr(asdict(ex))} -> {q:.1f} "
+        f"({_pct(q / q_full if q_full else None)}% kept, {-100 * saving:+.1f}% FLOPs) on "
+        f"{len(td.samples)} val samples, {len(seen) + 1} runs | {time.perf_counter() - t0:.1f} s")
+    return ex
+
+
+# ----------------------------------------------------------------------------------------------
+# The comparison: every configuration on the same test samples, timed against the full model.
+
+
+def shallow_models(model, fractions):
+    """Static shallow models (first k layers, the paper's OFA-Tiny-style baseline)."""
+    L_enc, L_dec = model.cfg.n_enc_layers, model.cfg.n_dec_layers
+    ks = sorted({(max(1, round(f * L_enc)), max(1, round(f * L_dec))) for f in fractions},
+                reverse=True)
+    return [(f"static {e}+{d}", model.truncated(e, d).eval()) for e, d in ks
+            if (e, d) != (L_enc, L_dec)]
+
+
+def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=True, n=None,
+            n_b1=8, repeats=3, shallow=(2 / 3, 1 / 2), ablations=(), log=print) -> list[dict]:
+    """Rows, one per configuration x task: the full model, MuE with `exits` (task -> ExitConfig;
+    a task without one gets PAPER_EXITS), its decoder-only and encoder-only halves, static
+    shallow models, and for each ablation (label, model, exits) its full model and its MuE.
+    Quality, retention and the reductions use all n samples (untimed). With timing, each
+    configuration is timed against the full model, interleaved (see run_configs), at batch size
+    32 on the first batch and at batch size 1 on the first n_b1 samples (after a warm-up), each
+    unit the median of `repeats`: speedup_* = sum of the full model's times / this one's,
+    pred_* the FLOP-predicted speedup on the same samples and
+    ratio_* = measured / predicted."""
+    cfg = model.cfg
+    depth = (cfg.n_enc_layers, cfg.n_dec_layers)
+    data = prepare(test_set, tok, cfg, n, batch_size, device)
+    shallows = shallow_models(model, shallow)
+    rows = []
+    for task, td in data.items():
+        t0 = time.perf_counter()
+        ex = exits.get(task) or PAPER_EXITS[task]
+        configs = [("full", model, None), ("MuE", model, ex),
+                   ("MuE decoder exits only", model, replace(ex, img_threshold=1.0,
+                                                             txt_threshold=1.0)),
+                   ("MuE encoder exits only", model, replace(ex, dec_threshold=1.0)),
+                   *[(name, m, None) for name, m in shallows]]
+        for label, m, ab_exits in ablations:
+            configs += [(f"{label}: full", m, None), (f"{label}: MuE", m, ab_exits.get(task, ex))]
+        runs = run_configs(configs, td.batches, tok, td.max_new)  # quality; warms up b32
+        timed = {}
+        if timing:  # b32: the first batch again; b1: the first n_b1 samples, one by one
+            ones = [collate([s], tok, cfg.max_src_len, cfg.max_tgt_len, truncate=True).to(device)
+                    for s in td.samples[:n_b1]]
+            timed = {"b32": run_configs(configs, td.batches[:1], tok, td.max_new, repeats),
+                     "b1": run_configs(configs, ones, tok, td.max_new, repeats, warmup=True)}
+        q_full = quality(task, runs[0].preds, runs[0].refs)["quality"]
+        for c, (name, _, e) in enumerate(configs):
+            row = summarize(name, task, runs[c], runs[0], q_full, depth, e)
+            for key in ("b1", "b32"):
+                rs = timed.get(key)
+                meas = sum(rs[0].seconds) / sum(rs[c].seconds) if rs else None
+                pred = sum(rs[0].macs) / sum(rs[c].macs) if rs else None
+                row.update({f"speedup_{key}": meas, f"pred_{key}": pred,
+                            f"ratio_{key}": meas / pred if rs else None,
+                            f"ms_{key}": 1e3 * statistics.fmean(rs[c].seconds) if rs else None})
+            rows.append(row)
+        how = (f"timed: batch of {len(td.batches[0].src)} and {len(timed['b1'][0].preds)} at "
+               f"batch 1, median of {repeats}" if timing else "untimed")
+        log(f"compare {task} | {len(configs)} configurations x {len(td.samples)} samples "
+            f"| {how} | {time.perf_counter() - t0:.1f} s")
+    return rows
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _thr(t):
+    if t is None:
+        return "-"
+    return "/".join(f"{t[f]:.6g}" for f in KNOB_FIELDS.values())
+
+
+def _speed(r, key):
+    s = r.get(f"speedup_{key}")
+    return "-" if s is None else f"{s:.2f} ({r[f'ratio_{key}']:.2f})"
+
+
+COLUMNS = [  # header, cell: every number printed here is in the row (percents are fractions x 100)
+    ("task", lambda r: r["task"]),
+    ("configuration", lambda r: r["name"]),
+    ("thr img/txt/dec", lambda r: _thr(r["thresholds"])),
+    ("acc|CIDEr", lambda r: f"{r['quality']:.1f}"),
+    ("B@4", lambda r: f"{r['bleu4']:.1f}" if "bleu4" in r else "-"),
+    ("kept%", lambda r: _pct(r["retention"])),
+    ("img", lambda r: f"{r['img_layers']:.2f}"),
+    ("txt", lambda r: f"{r['txt_layers']:.2f}"),
+    ("dec/tok", lambda r: f"{r['dec_layers']:.2f}"),
+    ("layers-%", lambda r: _pct(r["layer_reduction"])),
+    ("FLOPs-%", lambda r: _pct(r["flop_reduction"])),
+    ("FLOP x", lambda r: f"{r['flop_speedup']:.2f}"),
+    ("b1 x (meas/pred)", lambda r: _speed(r, "b1")),
+    ("b32 x (meas/pred)", lambda r: _speed(r, "b32")),
+]
+
+
+def format_table(rows, columns=COLUMNS) -> str:
+    cells = [[h for h, _ in columns]] + [[f(r) for _, f in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w)
+                       in enumerate(zip(row, widths, strict=True))) for row in cells]
+    key = ("kept% = quality / the full model's | layers-% = the paper's expected time "
+           "reduction | FLOPs-% = FLOP-weighted | FLOP x = FLOP-predicted speedup | bN x = "
+           "measured speedup at batch size N (measured / FLOP-predicted, same samples)")
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], key])
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep: a grid over the thresholds, against static shallow models and decoder-only exits.
+
+
+def sweep(model, test_set, tok, device, grid=4, n=None, batch_size=32, base=None, out="out",
+          log=print) -> list[dict]:
+    """Per task, every combination of the knobs (grid^3; grid^2 with joint fusion), each at 1.0
+    or one of grid-1 quantile levels (decoder-only exits: the encoder knobs at 1.0), every static
+    shallow model k+k. Untimed: quality and reductions. Marks MuE's Pareto front and draws
+    quality against FLOP-weighted reduction to out/sweep.png."""
+    base = base or ExitConfig()
+    cfg, depth = model.cfg, (model.cfg.n_enc_layers, model.cfg.n_dec_layers)
+    levels = [0.9 - 0.8 * i / max(1, grid - 2) for i in range(grid - 1)]
+    never = {f: 1.0 for f in KNOB_FIELDS.values()}
+    rows = []
+    for task, td in prepare(test_set, tok, cfg, n, batch_size, device).items():
+        t0 = time.perf_counter()
+        ks = knobs(model, td, base, levels)
+        configs = [("full", model, None)]
+        for combo in itertools.product(*[[{}] + v for v in ks.values()]):
+            fields_ = {f: v for c in combo for f, v in c.items()}
+            if fields_:
+                ex = replace(base, **{**never, **fields_})
+                kind = ("decoder only" if ex.img_threshold == ex.txt_threshold == 1.0 else
+                        "encoder only" if ex.dec_threshold == 1.0 else "MuE")
+                configs.append((kind, model, ex))
+        configs += [(name, m, None) for name, m in
+                    shallow_models(model, [k / max(depth) for k in range(1, max(depth))])]
+        runs = run_configs(configs, td.batches, tok, td.max_new)
+        q_full = quality(task, runs[0].preds, runs[0].refs)["quality"]
+        task_rows = [summarize(name, task, r, runs[0], q_full, depth, e)
+                     for (name, _, e), r in zip(configs, runs, strict=True)]
+        for r in task_rows:
+            r["kind"] = "static" if r["name"].startswith("static") else r["name"]
+        points = {(r["quality"], r["flop_reduction"]) for r in task_rows if r["thresholds"]}
+        for r in task_rows:  # Pareto: no exit configuration is as good on both and better on one
+            q, f = r["quality"], r["flop_reduction"]
+            r["pareto"] = bool(r["thresholds"]) and not any(
+                oq >= q and of >= f and (oq, of) != (q, f) for oq, of in points)
+        rows += task_rows
+        log(f"sweep {task} | {len(configs)} configurations x {len(td.samples)} samples "
+            f"| {time.perf_counter() - t0:.1f} s")
+    plot_sweep(rows, os.path.join(out, "sweep.png"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures. matplotlib is imported where it draws: train.py imports this file for its numbers.
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _ylabel(task):
+    return "VE accuracy (%)" if task == "ve" else "CIDEr-D"
+
+
+def plot_sweep(rows, path):
+    plt = _plt()
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        rs = [r for r in rows if r["task"] == task]
+
+        def pts(kind, rs=rs):
+            sel = sorted((r for r in rs if r["kind"] == kind), key=lambda r: r["flop_reduction"])
+            return [100 * r["flop_reduction"] for r in sel], [r["quality"] for r in sel], sel
+        x, y, _ = pts("MuE")
+        ax.scatter(x, y, s=14, color="tab:blue", alpha=0.35, label="encoder + decoder exits")
+        x, y, _ = pts("encoder only")
+        ax.scatter(x, y, s=14, marker="s", color="tab:green", alpha=0.5, label="encoder exits only")
+        front = sorted((r for r in rs if r["pareto"]), key=lambda r: r["flop_reduction"])
+        ax.plot([100 * r["flop_reduction"] for r in front], [r["quality"] for r in front],
+                "-o", color="tab:blue", ms=4, label="exits: Pareto front")
+        x, y, _ = pts("decoder only")
+        ax.plot(x, y, "--^", color="tab:orange", label="decoder exits only")
+        x, y, sel = pts("static")
+        ax.plot(x, y, ":s", color="tab:gray", label="static shallow k+k")
+        for xi, yi, r in zip(x, y, sel, strict=True):
+            ax.annotate(r["name"].split()[-1], (xi, yi), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        x, y, _ = pts("full")
+        ax.plot(x, y, "*", color="black", ms=13, label="full model")
+        ax.set(title=f"{task}: quality against FLOP-weighted saving",
+               xlabel="FLOP-weighted reduction (%)", ylabel=_ylabel(task))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig, path, rect=(0, 0, 1, 1)):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def figures(model, test_set, tok, device, exits: dict, out="out", n=64, batch_size=32,
+            n_words=4) -> list[str]:
+    """profiles.png (Fig. 3), exits.png (exit layers per modality, MuE), words.png (captions
+    word by layer). Measured on the first n test samples; returns the paths written."""
+    plt = _plt()
+    cfg = model.cfg
+    data = prepare(test_set, tok, cfg, n, batch_size, device)
+    colors = {"caption": "tab:blue", "ve": "tab:red"}
+    paths = [os.path.join(out, f) for f in ("profiles.png", "exits.png", "words.png")]
+
+    # Fig. 3: the cosine between consecutive layers' states, per modality, teacher-forced.
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    titles = [("img", "encoder, image tokens"), ("txt", "encoder, text tokens"),
+              ("dec_sim", "decoder, cosine"), ("dec_conf", "decoder, confidence (max softmax)")]
+    runs = {}
+    for task, td in data.items():
+        ex = exits.get(task) or PAPER_EXITS[task]
+        dec_key = "dec_conf" if ex.dec_criterion == "confidence" else "dec_sim"
+        thresholds = {"img": ex.img_threshold, "txt": ex.txt_threshold, dec_key: ex.dec_threshold}
+        prof = {k: [] for k, _ in titles}
+        for b in td.batches:
+            p = model.profile(b.images, b.src, b.tgt_in)
+            for k in ("img", "txt"):
+                prof[k].append(p[k].cpu())
+            for k in ("dec_sim", "dec_conf"):
+                prof[k].append(p[k][b.tgt_mask].cpu())  # (real target positions, L_dec)
+        for ax, (k, title) in zip(axes, titles, strict=True):
+            v = torch.cat(prof[k]).float()  # (rows, L)
+            x = range(1, v.shape[1] + 1)
+            ax.plot(x, v.mean(0).numpy(), "-o", color=colors[task], label=f"{task}: mean")
+            ax.fill_between(x, v.quantile(0.1, 0).numpy(), v.quantile(0.9, 0).numpy(),
+                            color=colors[task], alpha=0.15, label=f"{task}: 10-90%")
+            if thresholds.get(k, 1.0) < 1.0:
+                ax.axhline(thresholds[k], color=colors[task], ls="--", lw=1,
+                           label=f"{task}: threshold")
+            ax.set(title=title, xlabel="layer l", xticks=list(x))
+        runs[task] = run_configs([("MuE", model, ex)], td.batches, tok, td.max_new)[0]
+    axes[0].set_ylabel("cos(h_l, h_l-1)  |  max softmax")
+    fig.legend(*axes[-1].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)
+    fig.suptitle("Exit signals per layer (the paper's Fig. 3), test samples, every layer run")
+    _save(fig, paths[0], rect=(0, 0.08, 1, 1))
+
+    # Where MuE stopped: encoder layers per sample and modality, decoder layers per word.
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    width = 0.8 / len(runs)
+    for i, (task, r) in enumerate(runs.items()):
+        for ax, vals, L in ((axes[0], r.img, cfg.n_enc_layers), (axes[1], r.txt, cfg.n_enc_layers),
+                            (axes[2], [k for d in r.dec for k in d], cfg.n_dec_layers)):
+            share = [100 * vals.count(l) / len(vals) for l in range(1, L + 1)]
+            ex = exits.get(task) or PAPER_EXITS[task]
+            ax.bar([l - 0.4 + width * (i + 0.5) for l in range(1, L + 1)], share, width,
+                   color=colors[task], label=f"{task} ({_thr(asdict(ex))})")
+            ax.set_xticks(range(1, L + 1))
+    for ax, title in zip(axes, ("image: encoder layers run", "text: encoder layers run",
+                                "decoder: layers run per generated token"), strict=True):
+        ax.set(title=title, xlabel="exit layer", ylabel="% of samples" if ax is not axes[2]
+               else "% of tokens")
+    axes[2].legend(fontsize=8, title="task (thresholds img/txt/dec)", title_fontsize=8)
+    fig.suptitle(f"MuE exit layers on {sum(len(r.img) for r in runs.values())} test samples")
+    _save(fig, paths[1])
+
+    # A few captions, word by layer: dark = the layer the word was read from, light = layers run.
+    r = runs.get("caption")
+    if r is None:
+        return paths[:2]
+    by_text = {r.preds[i]: i for i in range(len(r.preds))}  # one sample per distinct caption
+    picks = sorted(by_text.values(), key=lambda i: -len(set(r.dec[i])))[:n_words]
+    fig, axes = plt.subplots(len(picks), 1, figsize=(10, 1.5 + 1.3 * len(picks)), squeeze=False)
+    for ax, i in zip(axes[:, 0], picks, strict=True):
+        d = r.dec[i]
+        names = [tok.decode([t]) if t != cfg.eos_id else "<eos>" for t in r.tokens[i]]
+        grid = torch.zeros(cfg.n_dec_layers, len(d))
+        for t, k in enumerate(d):
+            grid[:k, t] = 1
+            grid[k - 1, t] = 2
+        ax.imshow(grid.numpy(), origin="lower", cmap="Blues", vmin=0, vmax=2.2, aspect="auto")
+        ax.set_xticks(range(len(d)), names, fontsize=8)
+        ax.set_yticks(range(cfg.n_dec_layers), range(1, cfg.n_dec_layers + 1), fontsize=7)
+        ax.set_ylabel("layer")
+        ax.set_title(f"\"{r.preds[i]}\"  (image {r.img[i]}, text {r.txt[i]} encoder layers)",
+                     fontsize=9)
+    fig.suptitle("Where each word exited the decoder (dark: exit layer, light: layers run)")
+    _save(fig, paths[2])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def datasets(args, train: dict, image_size: int):
+    """(val, test) for the data the checkpoint was trained on, or as the flags say."""
+    source = args.data or train.get("data", "shapes")
+    ann, images = args.ann or train.get("ann"), args.images or train.get("images")
+    if source == "shapes":
+        seed = train.get("seed", 0) if args.seed is None else args.seed
+        task = train.get("task", "multi")
+        return [ShapesDataset(s, task, seed=seed, image_size=image_size) for s in ("val", "test")]
+    if not ann or not images:
+        raise ValueError(f"--data {source} needs --ann and --images (or a checkpoint with them)")
+    if source == "coco":
+        return [CocoCaptions(ann, images, s, image_size) for s in ("val", "test")]
+    if source == "snli_ve":  # --ann: a folder with snli_ve_{dev,test}.jsonl, or a "{split}" pattern
+        path = (ann.format if "{split}" in ann else
+                lambda split: os.path.join(ann, f"snli_ve_{split}.jsonl"))
+        return [SnliVE(path(split=s), images, image_size) for s in ("dev", "test")]
+    raise ValueError(f"unknown data source {source!r}: expected shapes, coco or snli_ve")
+
+
+def ablation_label(cfg, path):
+    if cfg.fusion == "joint":
+        return "no decomposition"
+    return "no layer-wise loss" if cfg.loss_weights == "last" else os.path.basename(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--out", default="out", help="folder for the PNGs")
+    p.add_argument("--json", help="write every number of the tables here")
+    p.add_argument("--data", choices=("shapes", "coco", "snli_ve"), help="default: the ckpt's")
+    p.add_argument("--ann", help="coco: Karpathy json; snli_ve: folder or '{split}' pattern")
+    p.add_argument("--images", help="image folder (coco, snli_ve)")
+    p.add_argument("--seed", type=int, help="shapes seed (default: the checkpoint's)")
+    p.add_argument("--n", type=int, help="test samples, the first n of the split over all "
+                   "tasks (default: train.py's test_size, else 500)")
+    p.add_argument("--n-val", type=int, help="val samples for --calibrate (default: train.py's "
+                   "val_size, else 300)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n-b1", type=int, default=8, help="samples timed at batch size 1, per task")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per unit (median)")
+    p.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy machine)")
+    p.add_argument("--img", type=float, help="image threshold, all tasks (cosine, [-1, 1])")
+    p.add_argument("--txt", type=float, help="text threshold, all tasks (cosine, [-1, 1])")
+    p.add_argument("--dec", type=float, help="decoder threshold, all tasks")
+    p.add_argument("--criterion", choices=("confidence", "similarity"))
+    p.add_argument("--schedule", choices=("constant", "decay"))
+    p.add_argument("--beta", type=float, help="decay schedule beta")
+    p.add_argument("--tau", type=float, help="decay schedule tau")
+    p.add_argument("--calibrate", action="store_true", help="choose thresholds on val and store "
+                   "them in each checkpoint (--img/--txt/--dec are then ignored)")
+    p.add_argument("--target", type=float, default=0.99, help="quality to keep when calibrating")
+    p.add_argument("--sweep", action="store_true", help="threshold grid and trade-off PNG")
+    p.add_argument("--grid", type=int, default=4, help="values per knob in the sweep")
+    p.add_argument("--sweep-n", type=int, default=200, help="test samples in the sweep (its "
+                   "grid^3 + L configurations cost minutes per 100 samples on a CPU)")
+    p.add_argument("--ablation", action="append", default=[], help="another checkpoint (joint "
+                   "fusion or last-layer loss) evaluated beside this one; repeatable")
+    p.add_argument("--no-figures", action="store_true")
+    args = p.parse_args(argv)
+
+    names = {"img": "img_threshold", "txt": "txt_threshold", "dec": "dec_threshold",
+             "criterion": "dec_criterion", "schedule": "dec_schedule", "beta": "dec_beta",
+             "tau": "dec_tau"}
+    flags = {f: getattr(args, a) for a, f in names.items() if getattr(args, a) is not None}
+    try:  # every configuration error ends here: a message and exit status 1, no traceback
+        if not 0 < args.target <= 1:
+            raise ValueError(f"--target must be in (0, 1], got {args.target}")
+        sizes = [v for v in (args.n, args.n_val, args.sweep_n) if v is not None]
+        if min(sizes + [args.batch_size, args.repeats, args.grid - 1]) < 1:
+            raise ValueError("--n, --n-val, --sweep-n, --batch-size, --repeats must be >= 1, "
+                             "--grid >= 2")
+        ExitConfig(**{"dec_criterion": "confidence", **flags})  # check the ranges before loading
+        model, state = load_checkpoint(args.ckpt, args.device)
+        if "tokenizer" not in state:
+            raise ValueError(f"checkpoint {args.ckpt!r} has no tokenizer (not written by train.py)")
+        tok = Tokenizer.from_state_dict(state["tokenizer"])
+        if len(tok) != model.cfg.vocab_size:
+            raise ValueError(f"checkpoint {args.ckpt!r}: tokenizer has {len(tok)} words, the "
+                             f"model {model.cfg.vocab_size}")
+        exits = {t: ExitConfig(**e) for t, e in (state.get("exits") or {}).items()}
+        source = ("checkpoint (calibrated)" if exits else "the paper's scripts (uncalibrated)"
+                  ) + (f", overridden by {flags}" if flags else "")
+        exits = {t: replace(exits.get(t, e), **flags) for t, e in PAPER_EXITS.items()}
+        ablations = []  # (path, model, checkpoint dict, exits)
+        for path in args.ablation:
+            m, st = load_checkpoint(path, args.device)
+            if st.get("tokenizer") != state["tokenizer"] or m.cfg.image_size != \
+                    model.cfg.image_size:
+                raise ValueError(f"ablation checkpoint {path!r} does not share the main one's "
+                                 f"tokenizer and image size")
+            ab = {t: replace(ExitConfig(**e), **flags) for t, e in (st.get("exits") or {}).items()}
+            ablations.append((path, m, st, ab))
+        train = state.get("train") or {}
+        val_set, test_set = datasets(args, train, model.cfg.image_size)
+        args.n = args.n or train.get("test_size", 500)  # the samples train.py reported on
+        args.n_val = args.n_val or train.get("val_size", 300)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = {"checkpoint": args.ckpt, "device": args.device, "settings": vars(args)}
+    t0 = time.perf_counter()
+    if args.calibrate:  # each checkpoint gets its own thresholds, stored in it
+        base = ExitConfig(**{k: v for k, v in flags.items() if not k.endswith("_threshold")})
+        for i, (path, m, st, _) in enumerate([(args.ckpt, model, state, exits), *ablations]):
+            found = calibrate(m, val_set, tok, args.device, args.target, args.batch_size,
+                              args.n_val, base)
+            save_checkpoint(path, m, **{**{k: v for k, v in st.items() if k != "model"},
+                                        "exits": {t: asdict(e) for t, e in found.items()}})
+            print(f"stored the thresholds in {path}")
+            if i == 0:
+                exits = found
+            else:
+                ablations[i - 1] = (path, m, st, found)
+        source = f"calibrated now on val (target {args.target})"
+    result["exits"] = {t: asdict(e) for t, e in exits.items()}
+    print(f"thresholds from {source}: " + ", ".join(f"{t} {_thr(asdict(e))}"
+                                                     for t, e in exits.items()))
+    rows = compare(model, test_set, tok, args.device, exits, args.batch_size,
+                   not args.no_timing, args.n, args.n_b1, args.repeats,
+                   ablations=[(ablation_label(m.cfg, p), m, ab) for p, m, _, ab in ablations])
+    result["rows"] = rows
+    print(format_table(rows))
+    if args.sweep:
+        result["sweep"] = sweep(model, test_set, tok, args.device, args.grid,
+                                min(args.n, args.sweep_n), args.batch_size, out=args.out)
+        shown = [r for r in result["sweep"] if r["pareto"] or r["kind"] in ("full", "static")]
+        print(f"sweep: {len(result['sweep'])} points, the exits' Pareto front and references:")
+        print(format_table(sorted(shown, key=lambda r: (r["task"], r["kind"] != "full",
+                                                        r["flop_reduction"])), COLUMNS[:12]))
+    if not args.no_figures:
+        result["figures"] = figures(model, test_set, tok, args.device, exits, args.out)
+        if args.sweep:
+            result["figures"].append(os.path.join(args.out, "sweep.png"))
+        print("figures: " + ", ".join(result["figures"]))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Tests of eval.py: the scores and the FLOP counts against hand counts and against torch's own
+FLOP counter on real generations, the calibration's promise checked by an evaluation of its own,
+the command line end to end (table, JSON, PNGs, the checkpoint it updates), and its errors.
+
+Models are tiny (32 wide, 3 + 3 layers, 32-pixel images) on the CPU with one thread, seeded. A
+few use a model trained for 60 steps, so that quality is above zero and an exit can cost some.
+"""
+
+import itertools
+import json
+import math
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import eval as ev
+from data import ShapesDataset, collate, shapes_tokenizer
+from mue import ExitConfig, MuE, MuEConfig, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(d_model=32, n_heads=2, d_ff=64, n_enc_layers=3, n_dec_layers=3, image_size=32,
+            dropout=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run as fast on one thread, and a busy machine slows two threads down a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return shapes_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def trained(tok):
+    """A tiny model after 60 steps on shapes: it says "a blue square ..." and gets about half of
+    the VE answers right, enough for exits to have quality to lose."""
+    torch.manual_seed(0)
+    model = MuE(MuEConfig(vocab_size=len(tok), **TINY))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = ShapesDataset("train", "multi", image_size=32)
+    for step in range(60):
+        b = collate([train[16 * step + i] for i in range(16)], tok)
+        opt.zero_grad()
+        model(b.images, b.src, b.tgt_in, b.targets)[1].backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture
+def ckpt(trained, tok, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, trained, tokenizer=tok.state_dict(), step=60,
+                    train={"task": "multi", "seed": 0, "image_size": 32, "data": "shapes"},
+                    optimizer={"lr": 3e-3})
+    return path
+
+
+def widened(seed=0, **overrides):
+    """A random tiny model with wide weights, so that its exit signals spread (as in test_mue)."""
+    torch.manual_seed(seed)
+    model = MuE(MuEConfig(**{"vocab_size": 20, **TINY, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith(("stem", "enc_ln", "dec_ln")) and ".ln" not in name:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+# -- scores -------------------------------------------------------------------------------------
+
+
+def test_bleu4_matches_a_hand_count():
+    preds = ["A red circle and a box.", "a square"]
+    refs = [["a red circle and a box", "there is a red circle and a box"],
+            ["a green square", "a small green square"]]
+    # Sentence 1 is reference 1: 6/6 unigrams, 5/5 bigrams, 4/4 trigrams, 3/3 4-grams; length 6,
+    # closest reference 6. Sentence 2: "a", "square" match (2/2), "a square" does not (0/1), no
+    # 3- or 4-grams; length 2, closest reference 3. Corpus: (8/8 * 5/6 * 4/4 * 3/3)^(1/4) with
+    # the brevity penalty exp(1 - 9/8), the reference length 9 exceeding the output's 8.
+    hand = (8 / 8 * 5 / 6 * 4 / 4 * 3 / 3) ** 0.25 * math.exp(1 - 9 / 8)
+    bleu, _ = ev.caption_scores(preds, refs)
+    assert bleu == pytest.approx(hand, abs=1e-6)
+
+
+def test_cider_d_matches_a_hand_count():
+    preds = ["Red, circle!", "blue square thing"]
+    refs = [["red circle"], ["blue square"]]
+    # Two images, so every n-gram seen in one image's references (or in none) weighs
+    # g = log(2) - log(max(1, df)) = log 2 per occurrence; cosines per n-gram order n = 1..4.
+    # Image 1 is its reference: n=1 and n=2 give 1, n=3, 4 have no n-grams and give 0.
+    img1 = 10 * (1 + 1 + 0 + 0) / 4
+    # Image 2, unigrams {blue, square, thing} vs {blue, square}: 2g^2 / (sqrt3 g * sqrt2 g);
+    # bigrams {blue square, square thing} vs {blue square}: g^2 / (sqrt2 g * g); trigram: 0.
+    # CIDEr-D's length penalty: exp(-(3 - 2)^2 / (2 * 6^2)) on every order.
+    img2 = 10 * (2 / math.sqrt(6) + 1 / math.sqrt(2) + 0 + 0) / 4 * math.exp(-1 / 72)
+    _, cider = ev.caption_scores(preds, refs)
+    assert cider == pytest.approx((img1 + img2) / 2, rel=1e-9)
+    q = ev.quality("caption", preds, refs)
+    assert q["quality"] == q["cider"] == pytest.approx(100 * cider)
+
+
+def test_ve_accuracy_compares_normalised_words():
+    q = ev.quality("ve", ["Yes.", "no", "maybe"], [["yes"], ["maybe"], ["maybe"]])
+    assert q["quality"] == q["accuracy"] == pytest.approx(200 / 3)
+    with pytest.raises(ValueError, match="unknown task"):
+        ev.quality("vqa", ["a"], [["a"]])
+
+
+# -- cost ---------------------------------------------------------------------------------------
+
+
+def test_macs_match_a_hand_count():
+    model = widened()  # resnet18, 2 stages, 32-pixel images: a 4x4 grid of 128-channel patches
+    stem = (16 * 16 * 64 * 3 * 7 * 7  # conv1, 7x7 stride 2: 32 -> 16 pixels, 3 -> 64 channels
+            + 4 * 8 * 8 * 64 * 64 * 9  # layer1 after the stride-2 max-pool: four 3x3 convs at 8x8
+            + 4 * 4 * 128 * 64 * 9  # layer2 block 1: 3x3 stride 2 conv, 64 -> 128, out 4x4
+            + 4 * 4 * 128 * 64  # its 1x1 stride 2 shortcut
+            + 3 * 4 * 4 * 128 * 128 * 9)  # the other three 3x3 convs of layer2, 128 -> 128
+    assert ev.stem_macs(model) == stem
+    C, Ff, V = 32, 64, 20  # width, MLP width, vocabulary
+    patches = 16 * 128 * C  # 16 patches projected from 128 stem channels to C
+    enc_img = 4 * 16 * C * C + 2 * 16 * 16 * C + 2 * 16 * C * Ff  # projections, attention, MLP
+    enc_txt = 4 * 5 * C * C + 2 * 5 * 5 * C + 2 * 5 * C * Ff  # 5 prompt tokens
+    M = 16 + 5
+    cross_kv = 2 * M * C * C  # per decoder layer reached
+
+    def dec(t, k):  # token t through k layers: self-attn (4 proj, over t+1 keys), cross, MLP
+        return k * (4 * C * C + 2 * (t + 1) * C + 2 * C * C + 2 * M * C + 2 * C * Ff)
+
+    # Image 2 layers, text 3, tokens through 3, 1, 2 decoder layers; confidence exits: the head
+    # at every layer a token runs; each early token fills K/V of the layers it skipped.
+    hand = (stem + patches + 2 * enc_img + 3 * enc_txt + 3 * cross_kv
+            + dec(0, 3) + 3 * C * V
+            + dec(1, 1) + 1 * C * V + 2 * 2 * C * C
+            + dec(2, 2) + 2 * C * V + 1 * 2 * C * C)
+    conf = ExitConfig(0.5, 0.5, 0.5)
+    assert ev.sample_macs(model, conf, stem, 5, 2, 3, [3, 1, 2]) == hand
+    # Similarity exits read the head once per token, at the exit layer.
+    sim = ExitConfig(0.5, 0.5, 0.5, dec_criterion="similarity")
+    assert ev.sample_macs(model, sim, stem, 5, 2, 3, [3, 1, 2]) == hand - (2 + 0 + 1) * C * V
+    full = stem + patches + 3 * enc_img + 3 * enc_txt + 3 * cross_kv + sum(
+        dec(t, 3) + C * V for t in range(4))
+    assert ev.sample_macs(model, None, stem, 5, 3, 3, [3] * 4) == full
+    # Joint fusion: one sequence of 21 tokens, with attention across it.
+    joint = widened(fusion="joint")
+    enc_joint = 4 * M * C * C + 2 * M * M * C + 2 * M * C * Ff
+    assert ev.sample_macs(joint, None, stem, 5, 2, 2, [3] * 4) == full - 3 * enc_img \
+        - 3 * enc_txt + 2 * enc_joint
+    assert ev.layer_reduction(2, 4, [6, 3, 3], 6, 6) == pytest.approx(1 - (3 + 4) / 12)
+
+
+def explicit_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+    """Attention as plain matrix products, which torch's FLOP counter sees (the fused CPU
+    kernel it does not)."""
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if is_causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fusion", ["decomposed", "joint"])
+@pytest.mark.parametrize("ex", [None, ExitConfig(0.5, 0.5, 0.3), ExitConfig(1.0, 1.0, 0.2),
+                                ExitConfig(0.9, 0.2, 0.5, dec_criterion="similarity"),
+                                ExitConfig(0.95, 0.6, 0.3, dec_schedule="decay")])
+def test_macs_equal_torch_flop_counter_on_real_generations(fusion, ex, monkeypatch):
+    monkeypatch.setattr(F, "scaled_dot_product_attention", explicit_sdpa)
+    model = widened(seed=3, fusion=fusion)
+    g = torch.Generator().manual_seed(4)
+    images, src = torch.randn(1, 3, 32, 32, generator=g), torch.randint(3, 20, (1, 7), generator=g)
+    with FlopCounterMode(display=False) as counter:
+        out = model.generate(images, src, 8, exit=ex)
+    dec = [k for k in out.dec_layers[0].tolist() if k > 0]
+    macs = ev.sample_macs(model, ex, ev.stem_macs(model), 7, out.img_layers.item(),
+                          out.txt_layers.item(), dec)
+    assert macs == counter.get_total_flops() // 2  # a multiply-accumulate is two FLOPs
+
+
+# -- compare and calibrate ----------------------------------------------------------------------
+
+
+def own_quality(model, samples, tok, ex, batch_size=8):
+    """Quality and mean encoder layers of one configuration, computed here from generate."""
+    preds, img = [], []
+    longest = max(len(tok.encode(r)) for s in samples for r in s.refs)
+    for i in range(0, len(samples), batch_size):
+        b = collate(samples[i:i + batch_size], tok, truncate=True)
+        g = model.generate(b.images, b.src, min(model.cfg.max_tgt_len, longest + 3), exit=ex)
+        preds += [tok.decode(t) for t in g.tokens]
+        img += g.img_layers.tolist()
+    return ev.quality(samples[0].task, preds, [s.refs for s in samples])["quality"], img
+
+
+def test_compare_rows(trained, tok):
+    test = ShapesDataset("test", "multi", image_size=32)
+    exits = {"caption": ExitConfig(0.9, 0.8, 0.6), "ve": ExitConfig(0.8, 0.95, 0.5)}
+    rows = ev.compare(trained, test, tok, "cpu", exits, batch_size=8, n=24, n_b1=2, repeats=1,
+                      log=lambda s: None)
+    names = ["full", "MuE", "MuE decoder exits only", "MuE encoder exits only", "static 2+2"]
+    assert [(r["task"], r["name"]) for r in rows] == [(t, n) for t in ("caption", "ve")
+                                                      for n in names]
+    json.dumps(rows)  # plain data
+    for r in rows:
+        assert {"name", "task", "quality", "retention", "layer_reduction", "flop_reduction",
+                "speedup_b1", "speedup_b32", "thresholds"} <= r.keys()
+        for key in ("b1", "b32"):
+            assert r[f"speedup_{key}"] > 0
+            assert r[f"ratio_{key}"] == pytest.approx(r[f"speedup_{key}"] / r[f"pred_{key}"])
+        if r["name"] == "full":
+            assert r["retention"] == 1 and r["layer_reduction"] == r["flop_reduction"] == 0
+            assert r["speedup_b1"] == r["speedup_b32"] == r["flop_speedup"] == 1
+            assert r["img_layers"] == r["txt_layers"] == r["dec_layers"] == 3
+        if r["name"] == "static 2+2":
+            assert r["layer_reduction"] == pytest.approx(1 - 4 / 6) and r["thresholds"] is None
+            assert 0 < r["flop_reduction"] < 1 - 4 / 6  # the stem runs in full
+        if r["name"] == "MuE decoder exits only":
+            assert r["img_layers"] == r["txt_layers"] == 3
+        if r["name"] == "MuE encoder exits only":
+            assert r["dec_layers"] == 3
+        if r["name"] == "MuE":
+            assert r["layer_reduction"] > 0 and r["thresholds"] == asdict(exits[r["task"]])
+    samples = [test[i] for i in range(24)]
+    for task in ("caption", "ve"):
+        mine = [s for s in samples if s.task == task]
+        q_full, _ = own_quality(trained, mine, tok, None)
+        q_mue, img = own_quality(trained, mine, tok, exits[task])
+        full, mue = (next(r for r in rows if r["task"] == task and r["name"] == n)
+                     for n in ("full", "MuE"))
+        assert full["quality"] == pytest.approx(q_full) and mue["quality"] == pytest.approx(q_mue)
+        assert mue["img_layers"] == pytest.approx(sum(img) / len(img))
+
+
+@pytest.mark.parametrize("target, base, n", [
+    (0.9, ExitConfig(), 32),
+    (0.95, ExitConfig(dec_criterion="similarity", dec_schedule="decay"), 16)])
+def test_calibration_keeps_the_target_on_val(trained, tok, target, base, n):
+    val = ShapesDataset("val", "multi", image_size=32)
+    lines = []
+    exits = ev.calibrate(trained, val, tok, "cpu", target, batch_size=8, n=n, base=base,
+                         log=lines.append)
+    assert set(exits) == {"caption", "ve"} and len(lines) == 8  # 3 knobs + the choice, per task
+    samples = [val[i] for i in range(n)]
+    for task, ex in exits.items():
+        assert (ex.dec_criterion, ex.dec_schedule) == (base.dec_criterion, base.dec_schedule)
+        mine = [s for s in samples if s.task == task]
+        q_full, _ = own_quality(trained, mine, tok, None)
+        q_exit, _ = own_quality(trained, mine, tok, ex)
+        assert q_exit >= target * q_full - 1e-9, (task, ex, q_exit, q_full)
+    # This model does have layers to spare: the choice is not the full model.
+    assert any(min(ex.img_threshold, ex.txt_threshold, ex.dec_threshold) < 1
+               for ex in exits.values())
+    with pytest.raises(ValueError, match="target"):
+        ev.calibrate(trained, val, tok, "cpu", 1.5)
+
+
+def test_joint_fusion_moves_both_encoder_thresholds_together(tok):
+    """A joint encoder exits only when both modalities' rules agree: one knob sets both."""
+    model = widened(fusion="joint", vocab_size=len(tok))
+    td = ev.prepare(ShapesDataset("val", "ve", image_size=32, size=8), tok, model.cfg, 8, 8,
+                    "cpu")["ve"]
+    knobs = ev.knobs(model, td, ExitConfig(), (0.9, 0.5))
+    assert set(knobs) == {"enc", "dec"} and knobs["enc"]
+    assert all(c.keys() == {"img_threshold", "txt_threshold"} for c in knobs["enc"])
+    decomposed = ev.knobs(widened(vocab_size=len(tok)), td, ExitConfig(), (0.9, 0.5))
+    assert set(decomposed) == {"img", "txt", "dec"}
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def not_in_row(line, row):
+    """The numbers printed in a table line that are no value of the row (percents are the row's
+    fractions x 100), to the precision printed."""
+    values = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            [walk(x) for x in v.values()]
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            values.extend([v, 100 * v])
+    walk(row)
+    cells = re.split(r"\s{2,}", line.strip())[2:]  # past the task and the configuration's name
+    printed = re.findall(r"-?\d+(?:\.\d+)?", " ".join(cells))
+    assert len(printed) >= 7, line  # the parse found the columns
+    return [s for s in printed if not any(
+        abs(v - float(s)) <= 0.5 * 10 ** -len(s.partition(".")[2]) + 1e-9 for v in values)]
+
+
+def table(out, nth=0):
+    """The data lines of the nth table printed in out (a header line starting with "task ")."""
+    lines = out.splitlines()
+    start = [i for i, line in enumerate(lines) if line.startswith("task ")][nth] + 2
+    return list(itertools.takewhile(lambda line: line.startswith(("caption ", "ve ")),
+                                    lines[start:]))
+
+
+def test_command_line_end_to_end(ckpt, tmp_path, capsys):
+    before = torch.load(ckpt, weights_only=True)
+    argv = ["--ckpt", str(ckpt), "--calibrate", "--target", "0.9", "--sweep", "--grid", "2",
+            "--n", "16", "--n-val", "16", "--n-b1", "1", "--repeats", "1", "--batch-size", "8",
+            "--json", str(tmp_path / "r.json"), "--out", str(tmp_path / "figs"), "--threads", "1"]
+    assert ev.main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    # The table: one line per row, every number in it also in the JSON row.
+    lines = table(out)
+    assert len(lines) == len(result["rows"]) == 10
+    for line, row in zip(lines, result["rows"], strict=True):
+        assert line.split()[0] == row["task"] and row["name"] in line
+        assert not_in_row(line, row) == []
+    # The calibration is stored, and nothing else in the checkpoint changed.
+    after = torch.load(ckpt, weights_only=True)
+    assert after["exits"] == result["exits"] and set(after["exits"]) == {"caption", "ve"}
+    for key in ("step", "train", "tokenizer", "optimizer", "config"):
+        assert after[key] == before[key]
+    assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
+    for task, ex in after["exits"].items():
+        mue = next(r for r in result["rows"] if r["task"] == task and r["name"] == "MuE")
+        assert mue["thresholds"] == ex
+    # The sweep: its table's lines are JSON rows; the Pareto points are the undominated ones.
+    for line in table(out, nth=1):
+        assert any(not_in_row(line, r) == [] for r in result["sweep"]), line
+    for task in ("caption", "ve"):
+        pts = [(r["quality"], r["flop_reduction"], r["pareto"]) for r in result["sweep"]
+               if r["task"] == task and r["thresholds"]]
+        assert len(pts) == 2 ** 3 - 1  # every knob at 1 or at one quantile, not all at 1
+        for q, f, pareto in pts:
+            assert pareto == (not any(oq >= q and of >= f and (oq, of) != (q, f)
+                                      for oq, of, _ in pts))
+    # The figures exist and are real images.
+    assert sorted(Path(p).name for p in result["figures"]) == [
+        "exits.png", "profiles.png", "sweep.png", "words.png"]
+    for p in result["figures"]:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.width > 600 and im.height > 250
+    # A second run picks the stored thresholds up by default.
+    assert ev.main(["--ckpt", str(ckpt), "--n", "8", "--no-timing", "--no-figures",
+                    "--json", str(tmp_path / "r2.json")]) == 0
+    assert "from checkpoint (calibrated)" in capsys.readouterr().out
+    rows2 = json.loads((tmp_path / "r2.json").read_text())["rows"]
+    assert [r["thresholds"] for r in rows2 if r["name"] == "MuE"] == [
+        after["exits"][t] for t in ("caption", "ve")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--img", "1.5"], "img_threshold"),
+    (["--txt", "-1.01"], "txt_threshold"),
+    (["--dec", "1.2"], "dec_threshold"),
+    (["--dec", "-0.1"], "dec_threshold"),  # a confidence is in [0, 1]
+    (["--criterion", "similarity", "--dec", "-1.5"], "dec_threshold"),
+    (["--target", "0"], "target"),
+])
+def test_bad_thresholds_are_refused(ckpt, args, message, capsys):
+    assert ev.main(["--ckpt", str(ckpt), *args]) == 1
+    err = capsys.readouterr().err
+    assert "error" in err and message in err
+
+
+def test_bad_checkpoints_are_refused(ckpt, trained, tmp_path, capsys):
+    assert ev.main(["--ckpt", str(tmp_path / "missing.pt")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["d_model"] = 64  # weights of a 32-wide model under a 64-wide config
+    torch.save(state, tmp_path / "other.pt")
+    assert ev.main(["--ckpt", str(tmp_path / "other.pt")]) == 1
+    assert "does not match its config" in capsys.readouterr().err
+    bigger = MuE(MuEConfig(**{**asdict(trained.cfg), "image_size": 64}))
+    save_checkpoint(tmp_path / "big.pt", bigger, tokenizer=state["tokenizer"])
+    assert ev.main(["--ckpt", str(ckpt), "--ablation", str(tmp_path / "big.pt")]) == 1
+    assert "image size" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "junk.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "cannot be read" in proc.stderr
