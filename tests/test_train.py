@@ -1,0 +1,169 @@
+"""Tests of train.py: flags, resuming, failures that must keep the last good checkpoint, and a
+2-process torchrun run on the CPU. Tiny models and a few steps, so each test takes seconds."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mue
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-enc-layers", "2",
+        "--n-dec-layers", "2", "--image-size", "32", "--batch-size", "4", "--lr", "3e-3",
+        "--warmup", "2", "--workers", "0", "--report", "false", "--log-every", "2"]
+
+
+def run(out, *extra):
+    return train.main(TINY + ["--out", str(out), *extra])
+
+
+def saved(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+
+
+def test_flags_override_presets_and_unknown_flags_are_rejected(capsys):
+    mcfg, tcfg, given = train.parse_args(["--preset", "gpu", "--d-model", "64", "--lr=0.01",
+                                          "--n_heads", "4", "--report", "no"])
+    assert (mcfg.d_model, mcfg.n_heads, mcfg.image_size) == (64, 4, 96)  # image_size: preset
+    assert (tcfg.lr, tcfg.steps, tcfg.report) == (0.01, 4000, False)
+    assert given == {"preset", "d_model", "lr", "n_heads", "report"}
+    for argv, message in ((["--colour", "red"], "unrecognized arguments: --colour"),
+                          (["--steps", "ten"], "invalid int value"),
+                          (["--fusion", "late"], "fusion must be one of"),
+                          (["--preset", "tpu"], "--preset must be one of"),
+                          (["--data", "coco"], "needs --ann and --images"),
+                          (["--resume", "1", "--force", "1"], "pick one")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unknown_flag_exits_non_zero_from_the_command_line():
+    r = subprocess.run([sys.executable, "train.py", "--stepz", "3"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unrecognized arguments: --stepz" in r.stderr
+
+
+def test_step_indices_are_a_function_of_the_step():
+    a = [train.step_indices(s, 10, 4, seed=0) for s in range(5)]
+    assert a == [train.step_indices(s, 10, 4, seed=0) for s in range(5)]
+    flat = sum(a, [])
+    assert sorted(flat[:10]) == list(range(10))  # the first epoch visits every sample once
+    assert sorted(flat[10:20]) == list(range(10)) and flat[:10] != flat[10:20]
+    assert train.step_indices(0, 10, 4, seed=1) != a[0]
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    t = train.TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    lrs = [train.lr_at(s, t) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert train.lr_at(100, t) == pytest.approx(0.1)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    assert run(tmp_path / "straight", "--steps", "6") == 0
+    straight = saved(tmp_path / "straight")
+
+    calls = []
+    real_save = train.save_checkpoint
+
+    def save_then_die(*args, **kwargs):  # the run is killed right after its step-3 checkpoint
+        real_save(*args, **kwargs)
+        calls.append(kwargs["step"])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", "--steps", "6", "--ckpt-every", "3")
+    assert calls == [3] and saved(tmp_path / "cut")["step"] == 3
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert run(tmp_path / "cut", "--steps", "6", "--ckpt-every", "3", "--resume", "true") == 0
+
+    resumed = saved(tmp_path / "cut")
+    assert resumed["step"] == straight["step"] == 6 and len(resumed["losses"]) == 6
+    assert resumed["losses"] == pytest.approx(straight["losses"], abs=1e-6)
+    for k, v in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, atol=1e-6, rtol=0)
+
+
+def test_errors_leave_the_checkpoint_untouched(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--steps", "2") == 0
+    path = out / "ckpt.pt"
+    good = path.read_bytes()
+    cases = [
+        ((), "exists: pass --resume"),  # a fresh run would overwrite it
+        (("--resume", "true", "--d-model", "64"), "other settings for d_model"),
+        (("--resume", "true", "--steps", "2"), "already at step 2"),
+        (("--resume", "true", "--data", "coco", "--ann", str(tmp_path / "no.json"),
+          "--images", str(tmp_path)), "other settings for ann, data, images"),
+    ]
+    for extra, message in cases:
+        assert run(out, "--steps", "2", *extra) == 1
+        assert message in capsys.readouterr().err
+        assert path.read_bytes() == good
+    path.write_bytes(good[:1000])
+    assert run(out, "--steps", "4", "--resume", "true") == 1
+    assert "cannot be read" in capsys.readouterr().err
+    assert run(tmp_path / "new", "--steps", "4", "--resume", "true") == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert run(tmp_path / "coco", "--data", "coco", "--ann", str(tmp_path / "missing.json"),
+               "--images", str(tmp_path)) == 1
+    assert "missing.json" in capsys.readouterr().err
+    assert not (tmp_path / "coco" / "ckpt.pt").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_forward, seen = mue.MuE.forward, []
+
+    def forward(self, *args, **kwargs):
+        logits, loss = real_forward(self, *args, **kwargs)
+        seen.append(1)
+        return logits, loss * float("nan") if len(seen) == 4 else loss
+    monkeypatch.setattr(mue.MuE, "forward", forward)
+    assert run(tmp_path, "--steps", "6", "--ckpt-every", "2") == 1
+    assert "loss is nan at step 3" in capsys.readouterr().err
+    state = saved(tmp_path)
+    assert state["step"] == 2 and len(state["losses"]) == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--standalone", "train.py", *TINY, "--steps", "4", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 x cpu" in r.stdout and r.stdout.count("step 4/4") == 1  # rank 0 alone prints
+    state = saved(out)
+    assert state["step"] == 4 and len(state["losses"]) == 4
+    assert [p.name for p in out.iterdir()] == ["ckpt.pt"]
+
+    # The two ranks averaged their gradients: the same steps in one process on the same global
+    # batch land on nearly the same weights (not bit-equal: each rank averages its own tokens).
+    assert run(tmp_path / "one", "--steps", "4") == 0
+    one = saved(tmp_path / "one")
+    assert state["losses"][0] == pytest.approx(one["losses"][0], rel=0.05)
+
+
+def test_report_calibrates_stores_thresholds_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--steps", "4", "--report", "true", "--val-size", "8", "--test-size", "8") == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    state = saved(out)
+    assert set(state["exits"]) == {"caption", "ve"} == set(report["exits"])
+    for task, ex in state["exits"].items():
+        assert mue.ExitConfig(**ex) == mue.ExitConfig(**report["exits"][task])
+    names = {(r["task"], r["name"]) for r in report["rows"]}
+    assert {("caption", "full"), ("caption", "MuE"), ("ve", "full"), ("ve", "MuE")} <= names
+    assert report["train"]["steps"] == 4 and report["train"]["losses"] == state["losses"]
+    assert "MuE" in printed and "report.json" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "report.json"]

@@ -1,0 +1,353 @@
+"""Train MuE, then measure what its exits save.
+
+    python train.py                          # CPU preset on the synthetic shapes world (~10 min)
+    python train.py --preset gpu             # wider, deeper, longer: minutes on one GPU
+    python train.py --task ve --steps 300 --lr 5e-4 --out out/ve
+    python train.py --data coco --ann dataset_coco.json --images coco/images --preset gpu
+    torchrun --nproc_per_node=4 train.py --preset gpu   # DistributedDataParallel, a shard per rank
+
+One run tells the whole story of the paper: train the unified model with the layer-wise loss
+(Sec. 3.4; every decoder layer learns to predict, all layers always run), then calibrate the exit
+thresholds on the validation split (eval.calibrate), and compare the full model with MuE on the
+test split (eval.compare): quality, layers used per modality and per token, the layer-count and
+FLOP-weighted reductions, and the measured speedup. Files, written by rank 0 only, atomically:
+<out>/ckpt.pt (weights, configs, tokenizer, step, loss history, optimizer, thresholds) and
+<out>/report.json.
+
+Every field of MuEConfig and TrainConfig is a flag of the same name (--batch-size or
+--batch_size). The data order and the dropout noise of step s depend only on (seed, s), so a run
+resumed with --resume gives the losses of the uninterrupted run.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+import data
+from eval import calibrate, compare, format_table
+from mue import MuE, MuEConfig, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """How to train. MuEConfig holds the model; `preset` picks defaults for both."""
+
+    preset: str = "cpu"  # "cpu": the laptop run; "gpu": wider, deeper, longer (see PRESETS)
+    data: str = "shapes"  # "shapes" (built in, no download) | "coco" | "snli_ve"
+    ann: str = ""  # coco: dataset_coco.json (Karpathy split); snli_ve: folder of the .jsonl files
+    images: str = ""  # coco: the image folder; snli_ve: the Flickr30k image folder
+    task: str = "multi"  # shapes only: "multi" (both tasks, the default) | "caption" | "ve"
+    steps: int = 1200  # optimizer steps
+    batch_size: int = 32  # samples per step, over all ranks together
+    lr: float = 1e-3  # peak learning rate of AdamW
+    min_lr: float = 1e-4  # where the cosine decay ends
+    warmup: int = 100  # steps of linear warm-up
+    weight_decay: float = 0.05  # AdamW's, on matrices only (not on norms, biases, embeddings)
+    grad_clip: float = 1.0  # maximum global gradient norm
+    seed: int = 0  # data order, dropout, initial weights and the synthetic world
+    device: str = ""  # "" = cuda if present, else cpu
+    workers: int = 1  # data-loading processes per rank (0 = in the training process)
+    log_every: int = 50  # steps between progress lines
+    ckpt_every: int = 300  # steps between checkpoints (one is always written at the end)
+    out: str = "out"  # folder for ckpt.pt and report.json
+    resume: bool = False  # continue <out>/ckpt.pt instead of starting over
+    force: bool = False  # start over even though <out>/ckpt.pt exists (it is replaced)
+    report: bool = True  # after training: calibrate the exits, compare with the full model
+    target: float = 0.99  # calibration keeps at least this fraction of full-model quality
+    val_size: int = 300  # validation samples used for calibration (shapes: generated)
+    test_size: int = 500  # test samples in the report (shapes: generated)
+
+
+# Presets change defaults; a flag given on the command line always wins.
+PRESETS = {
+    "cpu": {},
+    "gpu": dict(d_model=384, n_heads=6, d_ff=1536, image_size=96, resnet_stages=2,
+                steps=4000, batch_size=256, lr=6e-4, min_lr=6e-5, warmup=300, workers=6,
+                log_every=100, ckpt_every=1000, val_size=1000, test_size=2000),
+}
+MODEL_FIELDS = {f.name for f in fields(MuEConfig)}
+DERIVED = {"vocab_size", "pad_id", "bos_id", "eos_id"}  # set from the tokenizer, not by flags
+KEEP_ON_RESUME = {"steps", "device", "workers", "log_every", "ckpt_every", "out", "resume",
+                  "force", "report", "target", "val_size", "test_size"}
+
+
+def parse_args(argv=None):
+    """-> (MuEConfig, TrainConfig, names the user set). Unknown flags: argparse exits with 2."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls in (MuEConfig, TrainConfig):
+        for f in fields(cls):
+            if f.name in DERIVED:
+                continue
+            flags = [f"--{f.name.replace('_', '-')}"] + (
+                [f"--{f.name}"] if "_" in f.name else [])
+            kind = {bool: _boolean, int: int, float: float}.get(type(f.default), str)
+            p.add_argument(*flags, dest=f.name, type=kind, default=None,
+                           help=f"{cls.__name__}.{f.name} (default {f.default!r})")
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    preset = args.get("preset", TrainConfig.preset)
+    if preset not in PRESETS:
+        p.error(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    merged = {**PRESETS[preset], **args}
+    try:
+        mcfg = MuEConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
+        tcfg = TrainConfig(**{k: v for k, v in merged.items() if k not in MODEL_FIELDS})
+        check_train_config(tcfg)
+    except ValueError as e:
+        p.error(str(e))
+    return mcfg, tcfg, set(args)
+
+
+def _boolean(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def check_train_config(t: TrainConfig):
+    if t.data not in ("shapes", "coco", "snli_ve"):
+        raise ValueError(f"--data must be shapes, coco or snli_ve, got {t.data!r}")
+    if t.data != "shapes" and not (t.ann and t.images):
+        raise ValueError(f"--data {t.data} needs --ann and --images (nothing is downloaded)")
+    if t.task not in ("multi", "caption", "ve"):
+        raise ValueError(f"--task must be multi, caption or ve, got {t.task!r}")
+    for name in ("steps", "batch_size", "log_every", "ckpt_every", "val_size", "test_size"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if not (t.lr > 0 and 0 <= t.min_lr <= t.lr and t.warmup >= 0 and t.grad_clip > 0):
+        raise ValueError("need lr > 0, 0 <= min-lr <= lr, warmup >= 0, grad-clip > 0")
+    if not 0 < t.target <= 1:
+        raise ValueError(f"--target must be in (0, 1], got {t.target}")
+    if t.resume and t.force:
+        raise ValueError("--resume continues the checkpoint and --force replaces it: pick one")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: datasets for the three splits, and the batches of each step.
+
+
+def datasets(t: TrainConfig, image_size: int, tok=None):
+    """-> train, val, test datasets and the tokenizer (from the training texts unless given)."""
+    if t.data == "shapes":
+        make = partial(data.ShapesDataset, task=t.task, seed=t.seed, image_size=image_size)
+        train = make("train")
+        val, test = make("val", size=t.val_size), make("test", size=t.test_size)
+        return train, val, test, tok or data.shapes_tokenizer()
+    if t.data == "coco":
+        make = partial(data.CocoCaptions, t.ann, t.images, image_size=image_size)
+        train, val, test = make(split="train"), make(split="val"), make(split="test")
+    else:
+        path = partial(os.path.join, t.ann)
+        make = partial(data.SnliVE, image_dir=t.images, image_size=image_size)
+        train, val, test = (make(path(f"snli_ve_{s}.jsonl")) for s in ("train", "dev", "test"))
+    val = torch.utils.data.Subset(val, range(min(len(val), t.val_size)))
+    test = torch.utils.data.Subset(test, range(min(len(test), t.test_size)))
+    return train, val, test, tok or data.Tokenizer.build(train.texts())
+
+
+def step_indices(step, n, batch_size, seed):
+    """The dataset indices of one step: epoch e is a random permutation seeded by (seed, e), and
+    step s takes positions [s * B, (s + 1) * B) of the concatenated epochs. A function of the
+    step alone, so resuming needs no sampler state."""
+    out, start = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out += perm[offset:offset + batch_size - len(out)].tolist()
+    return out
+
+
+def lr_at(step, t: TrainConfig):
+    """Linear warm-up to lr, then cosine decay to min_lr at the last step."""
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def setup_distributed(t: TrainConfig):
+    """-> (rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPUs."""
+    device = t.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        else:  # several processes share the cores: one thread each
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world, torch.device(device)
+
+
+def make_optimizer(model, t: TrainConfig):
+    """AdamW with weight decay on matrices and convolutions only."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.98))
+
+
+def start(mcfg, tcfg, given, device):
+    """Build or resume the model, optimizer and history. Refuses to overwrite a checkpoint that
+    the user did not ask to replace, and to resume one of another configuration."""
+    path = os.path.join(tcfg.out, "ckpt.pt")
+    if not tcfg.resume:
+        if os.path.exists(path) and not tcfg.force:
+            raise ValueError(f"{path} exists: pass --resume to continue it, --force to start "
+                             f"over, or --out to write elsewhere")
+        return None, mcfg, tcfg
+    model, state = load_checkpoint(path, device)  # ValueError on a missing or bad file
+    saved_t = TrainConfig(**state["train"])
+
+    def setting(m, t, name):
+        return getattr(m if name in MODEL_FIELDS else t, name)
+    clash = sorted(n for n in given - KEEP_ON_RESUME - {"preset"}
+                   if setting(mcfg, tcfg, n) != setting(model.cfg, saved_t, n))
+    if clash:
+        raise ValueError(f"{path} was trained with other settings for {', '.join(clash)}: "
+                         f"drop those flags to resume it, or start over with --force")
+    tcfg = replace(saved_t, **{n: getattr(tcfg, n) for n in KEEP_ON_RESUME})
+    if state["step"] >= tcfg.steps:
+        raise ValueError(f"{path} is already at step {state['step']} of --steps {tcfg.steps}")
+    return state, model.cfg, tcfg
+
+
+def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
+    """The whole run. Returns the loss history (one value per step, averaged over ranks)."""
+    rank, world, device = setup_distributed(tcfg)
+    master = rank == 0
+    if tcfg.batch_size % world:
+        raise ValueError(f"--batch-size {tcfg.batch_size} does not split over {world} ranks")
+    state, mcfg, tcfg = start(mcfg, tcfg, given, device)
+    tok = None if state is None else data.Tokenizer.from_state_dict(state["tokenizer"])
+    train_set, val_set, test_set, tok = datasets(tcfg, mcfg.image_size, tok)
+    mcfg = replace(mcfg, vocab_size=len(tok), pad_id=tok.pad_id, bos_id=tok.bos_id,
+                   eos_id=tok.eos_id)
+    torch.manual_seed(tcfg.seed)
+    model = MuE(mcfg).to(device)
+    optimizer = make_optimizer(model, tcfg)
+    step, losses = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, losses = state["step"], list(state["losses"])
+    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def checkpoint(extra=None):
+        if master:
+            save_checkpoint(os.path.join(tcfg.out, "ckpt.pt"), model, tokenizer=tok.state_dict(),
+                            step=step, losses=losses, train=asdict(tcfg),
+                            optimizer=optimizer.state_dict(), **(extra or {}))
+
+    per_rank = tcfg.batch_size // world
+    batches = DataLoader(
+        train_set, num_workers=tcfg.workers, pin_memory=device.type == "cuda",
+        collate_fn=partial(data.collate, tok=tok, max_src_len=mcfg.max_src_len,
+                           max_tgt_len=mcfg.max_tgt_len),
+        batch_sampler=[step_indices(s, len(train_set), tcfg.batch_size, tcfg.seed)
+                       [rank * per_rank:(rank + 1) * per_rank] for s in range(step, tcfg.steps)])
+    if master:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"MuE {n_params / 1e6:.2f}M parameters | {mcfg.n_enc_layers}+{mcfg.n_dec_layers} "
+              f"layers, d={mcfg.d_model} | {tcfg.data}/{tcfg.task} | {world} x {device} | "
+              f"steps {step}->{tcfg.steps}, batch {tcfg.batch_size}")
+    model.train()
+    t0, first = time.time(), step
+    for batch in batches:
+        batch = batch.to(device)
+        torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)  # dropout noise of step s
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, tcfg)
+        with autocast:
+            _, loss = net(batch.images, batch.src, batch.tgt_in, batch.targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        value = loss.detach().float()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        value = value.item()  # one host sync per step: a NaN must stop the run before it lands
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"loss is {value} at step {step}: stopped; the last good checkpoint is kept "
+                f"(lower --lr or --grad-clip, then --resume)")
+        optimizer.step()
+        losses.append(value)
+        step += 1
+        if master and (step % tcfg.log_every == 0 or step == tcfg.steps):
+            dt = (time.time() - t0) / (step - first)
+            recent = losses[-min(len(losses), tcfg.log_every):]
+            print(f"step {step}/{tcfg.steps} | loss {sum(recent) / len(recent):.4f} | "
+                  f"lr {lr_at(step - 1, tcfg):.1e} | {1000 * dt:.0f} ms | "
+                  f"{tcfg.batch_size / dt:.0f} samples/s | eta {_clock(dt * (tcfg.steps - step))}",
+                  flush=True)
+        if step % tcfg.ckpt_every == 0 and step < tcfg.steps:
+            checkpoint()
+    train_time = time.time() - t0
+    checkpoint()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if master and tcfg.report:
+        report(model, tok, val_set, test_set, tcfg, device, losses, train_time, checkpoint)
+    return losses
+
+
+def report(model, tok, val_set, test_set, tcfg, device, losses, train_time, checkpoint):
+    """Calibrate the exits on val, keep them in the checkpoint, compare on test, write the JSON."""
+    model.eval()
+    t0 = time.time()
+    exits = calibrate(model, val_set, tok, device, target=tcfg.target)
+    checkpoint({"exits": {task: asdict(ex) for task, ex in exits.items()}})
+    rows = compare(model, test_set, tok, device, exits)
+    print(format_table(rows))
+    out = {"train": {"steps": len(losses), "seconds": round(train_time, 1),
+                     "final_loss": sum(losses[-50:]) / len(losses[-50:]), "losses": losses},
+           "eval_seconds": round(time.time() - t0, 1),
+           "exits": {task: asdict(ex) for task, ex in exits.items()}, "rows": rows}
+    path = os.path.join(tcfg.out, "report.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {os.path.join(tcfg.out, 'ckpt.pt')} and {path} "
+          f"(training {_clock(train_time)}, evaluation {_clock(time.time() - t0)})")
+
+
+def _clock(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+def main(argv=None):
+    mcfg, tcfg, given = parse_args(argv)
+    try:
+        train(mcfg, tcfg, given)
+    except (ValueError, OSError, FloatingPointError) as e:  # a clear message, not a trace
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
