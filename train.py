@@ -47,31 +47,32 @@ class TrainConfig:
     ann: str = ""  # coco: dataset_coco.json (Karpathy split); snli_ve: folder of the .jsonl files
     images: str = ""  # coco: the image folder; snli_ve: the Flickr30k image folder
     task: str = "multi"  # shapes only: "multi" (both tasks, the default) | "caption" | "ve"
-    steps: int = 1200  # optimizer steps
+    steps: int = 700  # optimizer steps
     batch_size: int = 32  # samples per step, over all ranks together
     lr: float = 1e-3  # peak learning rate of AdamW
     min_lr: float = 1e-4  # where the cosine decay ends
-    warmup: int = 100  # steps of linear warm-up
+    warmup: int = 50  # steps of linear warm-up
     weight_decay: float = 0.05  # AdamW's, on matrices only (not on norms, biases, embeddings)
     grad_clip: float = 1.0  # maximum global gradient norm
     seed: int = 0  # data order, dropout, initial weights and the synthetic world
     device: str = ""  # "" = cuda if present, else cpu
     workers: int = 1  # data-loading processes per rank (0 = in the training process)
     log_every: int = 50  # steps between progress lines
-    ckpt_every: int = 300  # steps between checkpoints (one is always written at the end)
+    ckpt_every: int = 200  # steps between checkpoints (one is always written at the end)
     out: str = "out"  # folder for ckpt.pt and report.json
     resume: bool = False  # continue <out>/ckpt.pt instead of starting over
     force: bool = False  # start over even though <out>/ckpt.pt exists (it is replaced)
     report: bool = True  # after training: calibrate the exits, compare with the full model
     target: float = 0.99  # calibration keeps at least this fraction of full-model quality
-    val_size: int = 300  # validation samples used for calibration (shapes: generated)
+    val_size: int = 600  # validation samples for calibration (both tasks together, shapes)
     test_size: int = 500  # test samples in the report (shapes: generated)
 
 
 # Presets change defaults; a flag given on the command line always wins.
 PRESETS = {
     "cpu": {},
-    "gpu": dict(d_model=384, n_heads=6, d_ff=1536, image_size=96, resnet_stages=2,
+    "gpu": dict(d_model=384, n_heads=6, d_ff=1536, n_enc_layers=8, n_dec_layers=8, dropout=0.1,
+                image_size=96, resnet_stages=2,
                 steps=4000, batch_size=256, lr=6e-4, min_lr=6e-5, warmup=300, workers=6,
                 log_every=100, ckpt_every=1000, val_size=1000, test_size=2000),
 }
