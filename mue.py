@@ -432,14 +432,16 @@ class MuE(nn.Module):
         mem_mask = valid[:, None, None, :]
         T = tgt_in.shape[1]
         x = self.drop(self.tok_emb(tgt_in) + self.tgt_pos(torch.arange(T, device=tgt_in.device)))
-        loss, weights = None, self.cfg.layer_weights()
-        for layer, w in zip(self.decoder, weights, strict=True):
+        loss, logits = None, None
+        for layer, w in zip(self.decoder, self.cfg.layer_weights(), strict=True):
             x = layer(x, memory, mem_mask)
-            if targets is not None and w > 0:
-                ce = F.cross_entropy(self.head(x).flatten(0, 1).float(), targets.flatten(),
+            logits = None
+            if targets is not None and w > 0:  # a layer with weight 0 never needs its logits
+                logits = self.head(x)  # (B, T, V)
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                      ignore_index=self.cfg.pad_id)
                 loss = w * ce if loss is None else loss + w * ce
-        return self.head(x), loss
+        return (self.head(x) if logits is None else logits), loss
 
     # -- generation with exits (Sec. 3.3) --------------------------------------------------------
 
