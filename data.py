@@ -495,6 +495,30 @@ class SnliVE(Dataset):
         return Sample(_load_image(path, self.tf, where), src, label, [label], "ve")
 
 
+def load_split(source: str, split: str, ann: str = "", images: str = "", image_size: int = 64,
+               task: str = "multi", seed: int = 0, size: int | None = None) -> Dataset:
+    """One split ("train", "val" or "test") of a data source, at most `size` samples:
+    "shapes" (task, seed), "coco" (ann: dataset_coco.json) or "snli_ve" (ann: the folder of
+    snli_ve_{train,dev,test}.jsonl, or a path with "{split}"; val is SNLI-VE's dev). train.py and
+    eval.py both load their data here, so they score the same samples."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    if source == "shapes":
+        return ShapesDataset(split, task, size=size, seed=seed, image_size=image_size)
+    if source not in ("coco", "snli_ve"):
+        raise ValueError(f"unknown data source {source!r}: expected shapes, coco or snli_ve")
+    if not (ann and images):
+        raise ValueError(f"data {source} needs an annotation path and an image folder")
+    if source == "coco":
+        ds = CocoCaptions(ann, images, split, image_size)
+    else:
+        name = "dev" if split == "val" else split
+        path = ann.format(split=name) if "{split}" in ann else os.path.join(
+            ann, f"snli_ve_{name}.jsonl")
+        ds = SnliVE(path, images, image_size)
+    return ds if size is None else torch.utils.data.Subset(ds, range(min(size, len(ds))))
+
+
 # -----------------------------------------------------------------------------
 # batches
 

@@ -27,13 +27,14 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from data import CocoCaptions, ShapesDataset, SnliVE, Tokenizer, collate
+from data import Tokenizer, collate, load_split
 from mue import ExitConfig, load_checkpoint, save_checkpoint
 
 # Thresholds (image / text / decoder) of the authors' scripts, used when a checkpoint carries no
@@ -639,22 +640,12 @@ def figures(model, test_set, tok, device, exits: dict, out="out", n=64, batch_si
 
 
 def datasets(args, train: dict, image_size: int):
-    """(val, test) for the data the checkpoint was trained on, or as the flags say."""
-    source = args.data or train.get("data", "shapes")
-    ann, images = args.ann or train.get("ann"), args.images or train.get("images")
-    if source == "shapes":
-        seed = train.get("seed", 0) if args.seed is None else args.seed
-        task = train.get("task", "multi")
-        return [ShapesDataset(s, task, seed=seed, image_size=image_size) for s in ("val", "test")]
-    if not ann or not images:
-        raise ValueError(f"--data {source} needs --ann and --images (or a checkpoint with them)")
-    if source == "coco":
-        return [CocoCaptions(ann, images, s, image_size) for s in ("val", "test")]
-    if source == "snli_ve":  # --ann: a folder with snli_ve_{dev,test}.jsonl, or a "{split}" pattern
-        path = (ann.format if "{split}" in ann else
-                lambda split: os.path.join(ann, f"snli_ve_{split}.jsonl"))
-        return [SnliVE(path(split=s), images, image_size) for s in ("dev", "test")]
-    raise ValueError(f"unknown data source {source!r}: expected shapes, coco or snli_ve")
+    """(val, test) of the data the checkpoint was trained on, or as the flags say."""
+    load = partial(load_split, args.data or train.get("data", "shapes"),
+                   ann=args.ann or train.get("ann"), images=args.images or train.get("images"),
+                   image_size=image_size, task=train.get("task", "multi"),
+                   seed=train.get("seed", 0) if args.seed is None else args.seed)
+    return load("val", size=args.n_val), load("test", size=args.n)
 
 
 def ablation_label(cfg, path):
@@ -736,9 +727,9 @@ def main(argv=None) -> int:
             ab = {t: replace(ExitConfig(**e), **flags) for t, e in (st.get("exits") or {}).items()}
             ablations.append((path, m, st, ab))
         train = state.get("train") or {}
-        val_set, test_set = datasets(args, train, model.cfg.image_size)
         args.n = args.n or train.get("test_size", 500)  # the samples train.py reported on
         args.n_val = args.n_val or train.get("val_size", 300)
+        val_set, test_set = datasets(args, train, model.cfg.image_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 1

@@ -141,21 +141,12 @@ def check_train_config(t: TrainConfig):
 
 def datasets(t: TrainConfig, image_size: int, tok=None):
     """-> train, val, test datasets and the tokenizer (from the training texts unless given)."""
-    if t.data == "shapes":
-        make = partial(data.ShapesDataset, task=t.task, seed=t.seed, image_size=image_size)
-        train = make("train")
-        val, test = make("val", size=t.val_size), make("test", size=t.test_size)
-        return train, val, test, tok or data.shapes_tokenizer()
-    if t.data == "coco":
-        make = partial(data.CocoCaptions, t.ann, t.images, image_size=image_size)
-        train, val, test = make(split="train"), make(split="val"), make(split="test")
-    else:
-        path = partial(os.path.join, t.ann)
-        make = partial(data.SnliVE, image_dir=t.images, image_size=image_size)
-        train, val, test = (make(path(f"snli_ve_{s}.jsonl")) for s in ("train", "dev", "test"))
-    val = torch.utils.data.Subset(val, range(min(len(val), t.val_size)))
-    test = torch.utils.data.Subset(test, range(min(len(test), t.test_size)))
-    return train, val, test, tok or data.Tokenizer.build(train.texts())
+    load = partial(data.load_split, t.data, ann=t.ann, images=t.images, image_size=image_size,
+                   task=t.task, seed=t.seed)
+    train, val, test = load("train"), load("val", size=t.val_size), load("test", size=t.test_size)
+    if tok is None:
+        tok = data.shapes_tokenizer() if t.data == "shapes" else data.Tokenizer.build(train.texts())
+    return train, val, test, tok
 
 
 def step_indices(step, n, batch_size, seed):

@@ -632,3 +632,24 @@ def test_snli_ve_errors_name_the_file_and_line(snli, tmp_path):
     # the worker's error reaches the main process still naming the image and the line
     with pytest.raises(RuntimeError, match=re.escape(str(images / "202.jpg")) + r".*jsonl:3"):
         next(iter(loader))
+
+
+def test_load_split_picks_the_source_and_caps_the_size(coco, snli):
+    shapes = data.load_split("shapes", "val", task="ve", seed=3, size=7, image_size=32)
+    assert len(shapes) == 7 and shapes[2].src == ShapesDataset("val", "ve", seed=3)[2].src
+    ann, root = coco
+    assert len(data.load_split("coco", "train", str(ann), str(root))) == 3
+    assert len(data.load_split("coco", "train", str(ann), str(root), size=2)) == 2
+    path, images, rows = snli  # SNLI-VE calls its validation split "dev"
+    val = data.load_split("snli_ve", "val", str(path.parent), str(images))
+    assert len(val) == len(rows) and val[0].tgt == "yes"
+    pattern = str(path.parent / "snli_ve_{split}.jsonl")
+    assert len(data.load_split("snli_ve", "val", pattern, str(images), size=1)) == 1
+    with pytest.raises(FileNotFoundError, match="snli_ve_test.jsonl"):
+        data.load_split("snli_ve", "test", str(path.parent), str(images))
+    with pytest.raises(ValueError, match="unknown data source 'vqa'"):
+        data.load_split("vqa", "val", "x", "y")
+    with pytest.raises(ValueError, match="needs an annotation path"):
+        data.load_split("coco", "val", "", str(root))
+    with pytest.raises(ValueError, match="split must be"):
+        data.load_split("shapes", "dev")
