@@ -648,6 +648,14 @@ def datasets(args, train: dict, image_size: int):
     return load("val", size=args.n_val), load("test", size=args.n)
 
 
+def write_json(path, obj):
+    """Atomically (a temporary file, then a rename): a crash never leaves half a result."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
 def ablation_label(cfg, path):
     if cfg.fusion == "joint":
         return "no decomposition"
@@ -771,9 +779,7 @@ def main(argv=None) -> int:
             result["figures"].append(os.path.join(args.out, "sweep.png"))
         print("figures: " + ", ".join(result["figures"]))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -20,7 +20,6 @@ resumed with --resume gives the losses of the uninterrupted run.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -34,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from eval import calibrate, compare, format_table
+from eval import calibrate, compare, format_table, write_json
 from mue import MuE, MuEConfig, load_checkpoint, save_checkpoint
 
 
@@ -319,9 +318,7 @@ def report(model, tok, val_set, test_set, tcfg, device, losses, train_time, chec
            "eval_seconds": round(time.time() - t0, 1),
            "exits": {task: asdict(ex) for task, ex in exits.items()}, "rows": rows}
     path = os.path.join(tcfg.out, "report.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, out)
     print(f"wrote {os.path.join(tcfg.out, 'ckpt.pt')} and {path} "
           f"(training {_clock(train_time)}, evaluation {_clock(time.time() - t0)})")
 
