@@ -222,11 +222,11 @@ class CrossCache:
 
     def __init__(self, decoder, memory):
         self.decoder, self.memory = decoder, memory
-        B, H = memory.shape[0], decoder[0].cross_attn.n_heads
-        shape = (B, H, memory.shape[1], memory.shape[2] // H)
+        B, M, C = memory.shape
+        H = decoder[0].cross_attn.n_heads
+        self.shape = (B, H, M, C // H)
         self.kv = [None] * len(decoder)  # per layer: (keys, values), each (B, H, M, C/H)
         self.have = [torch.zeros(B, dtype=torch.bool) for _ in decoder]  # (B,) on the host
-        self.shape = shape
 
     def get(self, j, rows, rows_dev):
         """The layer-j keys and values of batch rows `rows` (host) / `rows_dev` (device)."""
@@ -376,12 +376,13 @@ class MuE(nn.Module):
         can_exit = all(tau < 1.0 for _, tau, _ in rules)
         mask = None if valid.all() else valid[:, None, None, :]  # (B, 1, 1, N)
         out, rows, h = None, torch.arange(B, device=x.device), x
+        token_masks = [m for _, _, m in rules]  # compacted with h, like mask
         for l, layer in enumerate(self.encoder, start=1):
             h_new = layer(h, mask)
             if (can_exit and l < L) or trace is not None:
                 done = torch.ones(len(rows), dtype=torch.bool, device=x.device)
-                for name, tau, m in rules:
-                    s = masked_cosine(h_new, h, m[rows])  # (b,)
+                for (name, tau, _), m in zip(rules, token_masks, strict=True):
+                    s = masked_cosine(h_new, h, m)  # (b,)
                     done &= s > tau
                     if trace is not None:
                         trace[name].append(s)
@@ -391,6 +392,7 @@ class MuE(nn.Module):
                     keep = ~done
                     rows, h_new = rows[keep], h_new[keep]
                     mask = None if mask is None else mask[keep]
+                    token_masks = [m[keep] for m in token_masks]
                     if len(rows) == 0:
                         return out, layers
             h = h_new
@@ -490,9 +492,10 @@ class MuE(nn.Module):
             theta = ex.dec_threshold_at(t, T)
             h = (self.tok_emb(cur) + self.tgt_pos.weight[t])[:, None]  # (b, 1, C)
             rows, rows_dev = alive, alive_dev  # this step's working set
+            mask = mem_mask[rows_dev]  # (b, 1, 1, M), gathered again only when rows leave
             for j, layer in enumerate(self.decoder):
                 h_new = layer.step(h, caches[j], rows_dev, t, cross.get(j, rows, rows_dev),
-                                   mem_mask[rows_dev])  # (b, 1, C)
+                                   mask)  # (b, 1, C)
                 if j == L - 1:  # the last layer predicts for every sample still here
                     predict(rows_dev, self.head(h_new[:, 0]), t, L)
                     break
@@ -515,7 +518,9 @@ class MuE(nn.Module):
                             caches[deeper][1][idx, :, t] = v[:, :, 0]
                         if done.all():
                             break
-                        h_new, rows, rows_dev = h_new[~done_dev], rows[~done], rows_dev[~done_dev]
+                        keep, keep_dev = ~done, ~done_dev
+                        h_new, rows, rows_dev = h_new[keep_dev], rows[keep], rows_dev[keep_dev]
+                        mask = mask[keep_dev]
                 h = h_new
             # Samples that just wrote eos are finished: drop them from the next steps.
             cur = tokens[alive_dev, t]
