@@ -191,8 +191,9 @@ def setup_distributed(t: TrainConfig):
 
 def make_optimizer(model, t: TrainConfig):
     """AdamW with weight decay on matrices and convolutions only."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "emb" not in name else rest).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                               {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.98))
 
