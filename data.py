@@ -280,6 +280,8 @@ class Sample:
     tgt: str  # training target text
     refs: list[str]  # references for evaluation: several captions, or [label]
     task: str  # "caption" or "ve"
+    prefix: str = ""  # what the decoder reads after bos, before the target: for VE the prompt
+    # itself (OFA's prev_output, which the authors' MuE scripts train with), "" for captions
 
 
 @dataclass
@@ -356,7 +358,7 @@ class ShapesDataset(Dataset):
         sp = self.spec(i)
         rnd = random.Random(f"render/{self.seed}/{self.split}/{self.task}/{i}")
         image = render(sp.scene, rnd, self.image_size, self.grid, self.clutter, self.noise)
-        return Sample(image, sp.src, sp.tgt, sp.refs, sp.task)
+        return Sample(image, sp.src, sp.tgt, sp.refs, sp.task, sp.src if sp.task == "ve" else "")
 
 
 def shapes_tokenizer() -> Tokenizer:
@@ -492,7 +494,7 @@ class SnliVE(Dataset):
 
     def __getitem__(self, i) -> Sample:
         path, src, label, where = self.items[i]
-        return Sample(_load_image(path, self.tf, where), src, label, [label], "ve")
+        return Sample(_load_image(path, self.tf, where), src, label, [label], "ve", src)
 
 
 def load_split(source: str, split: str, ann: str = "", images: str = "", image_size: int = 64,
@@ -527,10 +529,12 @@ def load_split(source: str, split: str, ann: str = "", images: str = "", image_s
 class Batch:
     images: torch.Tensor  # (B, 3, H, W)
     src: torch.Tensor  # (B, S) long, pad_id after the prompt
-    tgt_in: torch.Tensor  # (B, T) long: [bos] + target, the decoder's input
-    targets: torch.Tensor  # (B, T) long: target + [eos], pad_id where there is nothing to predict
+    prefix: torch.Tensor  # (B, P) long: [bos] + the decoder's prefix (Sample.prefix), pad after
+    tgt_in: torch.Tensor  # (B, T) long: prefix + target, the decoder's input
+    targets: torch.Tensor  # (B, T) long: target + [eos] where the prefix's last token and the
+    # target are read, pad_id elsewhere (the prefix is not scored, as in OFA)
     src_mask: torch.Tensor  # (B, S) bool, True on real tokens
-    tgt_mask: torch.Tensor  # (B, T) bool, True on real positions (same for tgt_in and targets)
+    tgt_mask: torch.Tensor  # (B, T) bool, True on scored positions (targets != pad_id)
     tasks: list[str]
     refs: list[list[str]]
 
@@ -541,30 +545,39 @@ class Batch:
 
 def collate(samples: list[Sample], tok: Tokenizer, max_src_len: int = 32, max_tgt_len: int = 32,
             truncate: bool = False) -> Batch:
-    """Pad to the longest in the batch. max_tgt_len counts bos / eos, so a target may have
-    max_tgt_len - 1 tokens. A longer text raises ValueError, naming it, unless truncate=True (then
-    the source keeps its first max_src_len tokens, the target its first max_tgt_len - 1 and eos):
-    cutting a caption in silence would teach the model to stop mid-sentence without anyone knowing.
-    Use functools.partial(collate, tok=tok) as a DataLoader collate_fn (picklable for workers)."""
+    """Pad to the longest in the batch. max_tgt_len counts the decoder's whole input: bos, the
+    prefix and the target, so prefix + target may have max_tgt_len - 1 tokens. A longer text
+    raises ValueError, naming it, unless truncate=True (then the source and the prefix keep their
+    first max_src_len tokens, the target what fits, and eos): cutting a caption in silence would
+    teach the model to stop mid-sentence without anyone knowing. Use functools.partial(collate,
+    tok=tok) as a DataLoader collate_fn (picklable for workers)."""
     src = [tok.encode(s.src) for s in samples]
+    pre = [[BOS_ID] + tok.encode(s.prefix) for s in samples]
     tgt = [tok.encode(s.tgt) for s in samples]
-    for k, (s, t) in enumerate(zip(src, tgt, strict=True)):
-        if not truncate and (len(s) > max_src_len or len(t) + 1 > max_tgt_len):
+    for k, (s, p, t) in enumerate(zip(src, pre, tgt, strict=True)):
+        if not truncate and (len(s) > max_src_len or len(p) + len(t) > max_tgt_len):
             raise ValueError(
                 f"batch sample {k} ({samples[k].task}) too long: source {len(s)} tokens (max "
-                f"{max_src_len}), target {len(t)} + eos (max {max_tgt_len}); "
+                f"{max_src_len}), bos + prefix {len(p)} + target {len(t)} (max {max_tgt_len}); "
                 f"src={samples[k].src!r} tgt={samples[k].tgt!r}. Raise the limits or truncate=True")
-    src, tgt = [s[:max_src_len] for s in src], [t[:max_tgt_len - 1] for t in tgt]
-    B, S, Tn = len(samples), max(map(len, src)), max(map(len, tgt)) + 1
+    src, pre = [s[:max_src_len] for s in src], [p[:min(max_src_len, max_tgt_len - 1)] for p in pre]
+    tgt = [t[:max_tgt_len - len(p)] for p, t in zip(pre, tgt, strict=True)]
+    B, S, Pn = len(samples), max(map(len, src)), max(map(len, pre))
+    Tn = max(len(p) + len(t) for p, t in zip(pre, tgt, strict=True))
     src_t = torch.full((B, S), PAD_ID, dtype=torch.long)
+    prefix = torch.full((B, Pn), PAD_ID, dtype=torch.long)
     tgt_in = torch.full((B, Tn), PAD_ID, dtype=torch.long)
     targets = torch.full((B, Tn), PAD_ID, dtype=torch.long)
-    for b, (s, t) in enumerate(zip(src, tgt, strict=True)):
+    for b, (s, p, t) in enumerate(zip(src, pre, tgt, strict=True)):
         src_t[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-        tgt_in[b, :len(t) + 1] = torch.tensor([BOS_ID] + t, dtype=torch.long)
-        targets[b, :len(t) + 1] = torch.tensor(t + [EOS_ID], dtype=torch.long)
-    return Batch(torch.stack([s.image for s in samples]), src_t, tgt_in, targets, src_t != PAD_ID,
-                 targets != PAD_ID, [s.task for s in samples], [s.refs for s in samples])
+        prefix[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        tgt_in[b, :len(p) + len(t)] = torch.tensor(p + t, dtype=torch.long)
+        # position i predicts the input at i + 1: the prefix's last token predicts the target's
+        # first, the target's last predicts eos (truncated or not)
+        targets[b, len(p) - 1:len(p) + len(t)] = torch.tensor(t + [EOS_ID], dtype=torch.long)
+    return Batch(torch.stack([s.image for s in samples]), src_t, prefix, tgt_in, targets,
+                 src_t != PAD_ID, targets != PAD_ID, [s.task for s in samples],
+                 [s.refs for s in samples])
 
 
 # -----------------------------------------------------------------------------

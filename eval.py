@@ -106,10 +106,12 @@ def stem_macs(model) -> int:
     return total
 
 
-def sample_macs(model, ex, stem: int, n_txt: int, img_l: int, txt_l: int, dec: list[int]) -> int:
+def sample_macs(model, ex, stem: int, n_txt: int, img_l: int, txt_l: int, dec: list[int],
+                n_pre: int = 1) -> int:
     """MACs of one sample as `MuE.generate` runs it. n_txt: its real prompt tokens (padding is an
     artefact of batching, absent at batch size 1); img_l, txt_l: encoder layers run per modality;
-    dec: decoder layers run for each generated token, eos included."""
+    dec: decoder layers run for each generated token, eos included; n_pre: the decoder's prefix,
+    bos included (VE reads its prompt there): all but its last token run every layer, once."""
     cfg = model.cfg
     C, Ff, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_dec_layers
     n_img, c_stem = model.grid ** 2, model.img_proj.in_features
@@ -117,20 +119,25 @@ def sample_macs(model, ex, stem: int, n_txt: int, img_l: int, txt_l: int, dec: l
     def enc_layer(n):  # q, k, v, out projections; QK^T and AV; the MLP
         return 4 * n * C * C + 2 * n * n * C + 2 * n * C * Ff
 
+    def dec_layer(t):  # one decoder layer for the token at position t (it attends to 0..t)
+        return (4 * C * C + 2 * (t + 1) * C  # self-attention: projections, over t + 1 keys
+                + 2 * C * C + 2 * M * C  # cross-attention: q, out; QK^T and AV
+                + 2 * C * Ff)  # MLP
+
     macs = stem + n_img * c_stem * C  # the stem, then the patch projection
     if cfg.fusion == "decomposed":
         macs += img_l * enc_layer(n_img) + txt_l * enc_layer(n_txt)
     else:  # joint: one sequence, one depth
         macs += img_l * enc_layer(n_img + n_txt)
     M = n_img + n_txt  # memory the decoder cross-attends to
-    macs += max(dec) * 2 * M * C * C  # cross-attention K/V of the memory, once per layer reached
+    reached = L if n_pre > 1 else max(dec)  # the prefill runs every layer
+    macs += reached * 2 * M * C * C  # cross-attention K/V of the memory, once per layer reached
+    n = n_pre - 1  # the prefill: one teacher-forced pass, no head; its causal attention
+    macs += L * (n * (dec_layer(0) - 2 * C) + 2 * n * n * C)  # products are full n x n ones
     ex = ex or ExitConfig()
     heads_at_every_layer = ex.dec_criterion == "confidence" and ex.dec_threshold < 1.0
-    for t, k in enumerate(dec):  # token t (0-based) ran layers 1..k
-        per_layer = (4 * C * C + 2 * (t + 1) * C  # self-attention over positions 0..t
-                     + 2 * C * C + 2 * M * C  # cross-attention: q, out; QK^T and AV
-                     + 2 * C * Ff)  # MLP
-        macs += k * per_layer + (k if heads_at_every_layer else 1) * C * V
+    for s, k in enumerate(dec):  # generated token s, at position n_pre - 1 + s, ran layers 1..k
+        macs += k * dec_layer(n_pre - 1 + s) + (k if heads_at_every_layer else 1) * C * V
         macs += (L - k) * 2 * C * C  # state propagation: K/V for each layer it skipped
     return macs
 
@@ -167,6 +174,7 @@ class Run:
 
     def add(self, model, ex, batch, g, tok, stem):
         n_txt = (batch.src != model.cfg.pad_id).sum(1).tolist()
+        n_pre = (batch.prefix != model.cfg.pad_id).sum(1).tolist()
         img, txt, dec = g.img_layers.tolist(), g.txt_layers.tolist(), g.dec_layers.tolist()
         for b in range(len(n_txt)):
             d = [k for k in dec[b] if k > 0]  # 0 = after the sequence ended
@@ -175,7 +183,7 @@ class Run:
             self.img.append(img[b])
             self.txt.append(txt[b])
             self.dec.append(d)
-            self.macs.append(sample_macs(model, ex, stem, n_txt[b], img[b], txt[b], d))
+            self.macs.append(sample_macs(model, ex, stem, n_txt[b], img[b], txt[b], d, n_pre[b]))
         self.refs += batch.refs
 
 
@@ -191,7 +199,8 @@ def prepare(dataset, tok, cfg, n, batch_size, device) -> dict[str, TaskData]:
         batches = [collate(samples[i:i + batch_size], tok, cfg.max_src_len, cfg.max_tgt_len,
                            truncate=True).to(device) for i in range(0, len(samples), batch_size)]
         longest = max(len(tok.encode(r)) for s in samples for r in s.refs)
-        out[task] = TaskData(samples, batches, min(cfg.max_tgt_len, longest + 3))
+        room = cfg.max_tgt_len - max(b.prefix.shape[1] for b in batches) + 1  # after the prefix
+        out[task] = TaskData(samples, batches, min(room, longest + 3))
     return out
 
 
@@ -209,14 +218,14 @@ def run_configs(configs, units, tok, max_new, repeats=1, warmup=False) -> list[R
     dev = units[0].images.device
     if warmup:  # first calls at a new shape allocate and pick kernels: not what we time
         for _, m, ex in configs:
-            m.generate(units[0].images, units[0].src, max_new, exit=ex)
+            m.generate(units[0].images, units[0].src, max_new, ex, prefix=units[0].prefix)
     for r in range(repeats):
         for u, batch in enumerate(units):
             for c in [(r + u + k) % len(configs) for k in range(len(configs))]:
                 _, m, ex = configs[c]
                 sync(dev)
                 t0 = time.perf_counter()
-                g = m.generate(batch.images, batch.src, max_new, exit=ex)
+                g = m.generate(batch.images, batch.src, max_new, ex, prefix=batch.prefix)
                 sync(dev)
                 times[c][u].append(time.perf_counter() - t0)
                 if r == 0:

@@ -203,14 +203,27 @@ class DecoderLayer(nn.Module):
     def self_kv(self, x):  # (b, 1, C) -> this layer's cache entry for a token whose state is x
         return self.self_attn.project_kv(self.ln1(x))
 
-    def step(self, x, cache, rows, t, cross_kv, mem_mask):
-        """One generated token. x: (b, 1, C) for batch rows `rows` (b,); cache: this layer's
-        (keys, values), each (B, H, T_max, C/H); writes position t, attends to 0..t."""
+    def prefill(self, x, cache, cross_kv, mem_mask):
+        """The decoder's prompt, every layer, teacher-forced: x: (B, P, C) at positions 0..P-1,
+        whose keys and values go into this layer's cache (B, H, T_max, C/H) at 0..P-1."""
+        a = self.ln1(x)
+        k, v = self.self_attn.project_kv(a)  # (B, H, P, C/H)
+        cache[0][:, :, :x.shape[1]], cache[1][:, :, :x.shape[1]] = k, v
+        x = x + self.self_attn.attend(a, k, v, causal=True)
+        x = x + self.cross_attn.attend(self.ln2(x), *cross_kv, mask=mem_mask)
+        return x + self.mlp(self.ln3(x))
+
+    def step(self, x, cache, rows, pos, self_mask, cross_kv, mem_mask):
+        """One generated token per row. x: (b, 1, C) for batch rows `rows` (b,), each at its own
+        position pos (b,) (prompts differ in length); cache: this layer's (keys, values), each
+        (B, H, T_max, C/H). Writes each row's position; self_mask (b, 1, 1, n) marks the
+        positions 0..pos of each row among the first n."""
         a = self.ln1(x)
         k, v = self.self_attn.project_kv(a)  # (b, H, 1, C/H)
         keys, values = cache
-        keys[rows, :, t], values[rows, :, t] = k[:, :, 0], v[:, :, 0]
-        x = x + self.self_attn.attend(a, keys[rows, :, :t + 1], values[rows, :, :t + 1])
+        keys[rows, :, pos], values[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+        n = self_mask.shape[-1]
+        x = x + self.self_attn.attend(a, keys[rows, :, :n], values[rows, :, :n], mask=self_mask)
         x = x + self.cross_attn.attend(self.ln2(x), *cross_kv, mask=mem_mask)
         return x + self.mlp(self.ln3(x))
 
@@ -448,56 +461,76 @@ class MuE(nn.Module):
     # -- generation with exits (Sec. 3.3) --------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, images, src, max_new_tokens, exit=None, return_logits=False):
+    def generate(self, images, src, max_new_tokens, exit=None, return_logits=False, prefix=None):
         """Greedy decoding with MuE's exits; exit=None (or all thresholds 1.0) is the full model.
 
-        Per step t, the working set starts as the samples still generating. After each decoder
-        layer, a sample whose signal beats Theta(t) predicts from that layer and leaves the set;
-        every deeper layer then gets a cache entry for its token computed from the exit state
-        (state propagation), and the rest go on. Encoder exits happen in `encode`.
+        prefix: (B, P) long, what the decoder reads before its first prediction, right-padded:
+        bos, then for VE the prompt itself (OFA's prev_output, MUE_NOTES item 5); None = bos
+        alone. The prefix is the decoder's prompt, not output: it runs every layer in one
+        teacher-forced pass, and the exits apply to the generated tokens, as the paper counts.
+        Per step s, the working set starts as the samples still generating, each at its own
+        position (its prefix length - 1 + s). After each decoder layer, a sample whose signal
+        beats Theta(s) predicts from that layer and leaves the set; every deeper layer then gets
+        a cache entry for its token computed from the exit state (state propagation), and the
+        rest go on. Encoder exits happen in `encode`. Returns the generated tokens only.
         """
         if self.training:
             raise RuntimeError("call model.eval() before generate: dropout and batch-norm "
                                "statistics would make the output depend on chance and the batch")
         B = self.check_inputs(images, src)
-        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.cfg.max_tgt_len:
-            raise ValueError(f"max_new_tokens must be an int in 1..{self.cfg.max_tgt_len} "
-                             f"(MuEConfig.max_tgt_len), got {max_new_tokens!r}")
+        ex, cfg, dev = exit or ExitConfig(), self.cfg, images.device
         if exit is not None and not isinstance(exit, ExitConfig):
             raise ValueError(f"exit must be an ExitConfig or None, got {type(exit).__name__}")
-        ex, cfg, dev = exit or ExitConfig(), self.cfg, images.device
-        T, L, H = max_new_tokens, len(self.decoder), cfg.n_heads
+        if prefix is None:
+            prefix = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=dev)
+        real = self.check_prefix(prefix, B)  # (B, P) bool
+        S, L, H, P = max_new_tokens, len(self.decoder), cfg.n_heads, prefix.shape[1]
+        if not isinstance(S, int) or not 1 <= S <= cfg.max_tgt_len - (P - 1):
+            raise ValueError(f"max_new_tokens must be an int in 1..{cfg.max_tgt_len - (P - 1)} "
+                             f"(MuEConfig.max_tgt_len {cfg.max_tgt_len} less the prefix's "
+                             f"{P - 1} tokens after bos), got {S!r}")
         memory, valid, img_layers, txt_layers = self.encode(images, src, ex)
         mem_mask = valid[:, None, None, :]  # (B, 1, 1, M)
 
         # Self-attention caches, one (keys, values) pair per layer, each (B, H, T, C/H).
         def empty():
-            return memory.new_zeros(B, H, T, cfg.d_model // H)
+            return memory.new_zeros(B, H, P - 1 + S, cfg.d_model // H)
         caches = [(empty(), empty()) for _ in range(L)]
         cross = CrossCache(self.decoder, memory)
-
-        tokens = torch.full((B, T), cfg.pad_id, dtype=torch.long, device=dev)
-        dec_layers = torch.zeros((B, T), dtype=torch.long, device=dev)
-        logits_out = memory.new_zeros(B, T, cfg.vocab_size) if return_logits else None
-
-        def predict(idx, logits, t, n_layers):  # samples idx emit their token t from n_layers
-            tokens[idx, t], dec_layers[idx, t] = logits.argmax(-1), n_layers
-            if return_logits:
-                logits_out[idx, t] = logits.float()
-
         alive = torch.arange(B)  # samples still generating: on the host for bookkeeping,
         alive_dev = alive.to(dev)  # and on the device for indexing
-        cur = torch.full((B,), cfg.bos_id, dtype=torch.long, device=dev)  # (b,) input tokens
-        for t in range(T):
-            theta = ex.dec_threshold_at(t, T)
-            h = (self.tok_emb(cur) + self.tgt_pos.weight[t])[:, None]  # (b, 1, C)
-            rows, rows_dev = alive, alive_dev  # this step's working set
-            mask = mem_mask[rows_dev]  # (b, 1, 1, M), gathered again only when rows leave
+        if P > 1:  # the prompt but its last token, whose position predicts the first new token
+            x = self.tok_emb(prefix[:, :-1]) + self.tgt_pos.weight[:P - 1]  # (B, P-1, C)
             for j, layer in enumerate(self.decoder):
-                h_new = layer.step(h, caches[j], rows_dev, t, cross.get(j, rows, rows_dev),
-                                   mask)  # (b, 1, C)
+                x = layer.prefill(x, caches[j], cross.get(j, alive, alive_dev), mem_mask)
+        # A shorter prompt's padding was prefilled too: its slots are masked below, overwritten
+        # later. first: each row's position of its first prediction, on the host and the device.
+        first = real.sum(1).cpu() - 1
+        first_dev = first.to(dev)
+
+        tokens = torch.full((B, S), cfg.pad_id, dtype=torch.long, device=dev)
+        dec_layers = torch.zeros((B, S), dtype=torch.long, device=dev)
+        logits_out = memory.new_zeros(B, S, cfg.vocab_size) if return_logits else None
+
+        def predict(idx, logits, s, n_layers):  # samples idx emit their token s from n_layers
+            tokens[idx, s], dec_layers[idx, s] = logits.argmax(-1), n_layers
+            if return_logits:
+                logits_out[idx, s] = logits.float()
+
+        cur = prefix[torch.arange(B, device=dev), first_dev]  # (b,) input tokens
+        for s in range(S):
+            theta = ex.dec_threshold_at(s, S)
+            rows, rows_dev = alive, alive_dev  # this step's working set
+            pos = first_dev[rows_dev] + s  # (b,) the position each row writes and reads from
+            n = int(first[rows].max()) + s + 1  # cache slots anyone attends to
+            self_mask = (torch.arange(n, device=dev) <= pos[:, None])[:, None, None, :]
+            mask = mem_mask[rows_dev]  # (b, 1, 1, M); both gathered again only when rows leave
+            h = (self.tok_emb(cur) + self.tgt_pos(pos))[:, None]  # (b, 1, C)
+            for j, layer in enumerate(self.decoder):
+                h_new = layer.step(h, caches[j], rows_dev, pos, self_mask,
+                                   cross.get(j, rows, rows_dev), mask)  # (b, 1, C)
                 if j == L - 1:  # the last layer predicts for every sample still here
-                    predict(rows_dev, self.head(h_new[:, 0]), t, L)
+                    predict(rows_dev, self.head(h_new[:, 0]), s, L)
                     break
                 if theta < 1.0:
                     logits = None
@@ -509,30 +542,46 @@ class MuE(nn.Module):
                     done_dev = signal > theta  # (b,)
                     done = done_dev.cpu()  # one host sync per layer, for the compaction
                     if done.any():
-                        h_exit, idx = h_new[done_dev], rows_dev[done_dev]
+                        h_exit, idx, at = h_new[done_dev], rows_dev[done_dev], pos[done_dev]
                         predict(idx, self.head(h_exit[:, 0]) if logits is None
-                                else logits[done_dev], t, j + 1)
+                                else logits[done_dev], s, j + 1)
                         for deeper in range(j + 1, L):  # state propagation into skipped layers
                             k, v = self.decoder[deeper].self_kv(h_exit)  # (e, H, 1, C/H)
-                            caches[deeper][0][idx, :, t] = k[:, :, 0]
-                            caches[deeper][1][idx, :, t] = v[:, :, 0]
+                            caches[deeper][0][idx, :, at] = k[:, :, 0]
+                            caches[deeper][1][idx, :, at] = v[:, :, 0]
                         if done.all():
                             break
                         keep, keep_dev = ~done, ~done_dev
                         h_new, rows, rows_dev = h_new[keep_dev], rows[keep], rows_dev[keep_dev]
-                        mask = mask[keep_dev]
+                        pos, mask, self_mask = pos[keep_dev], mask[keep_dev], self_mask[keep_dev]
                 h = h_new
             # Samples that just wrote eos are finished: drop them from the next steps.
-            cur = tokens[alive_dev, t]
+            cur = tokens[alive_dev, s]
             going = (cur != cfg.eos_id).cpu()
             if not going.any():
                 break
             if not going.all():
                 going_dev = going.to(dev)
                 alive, alive_dev, cur = alive[going], alive_dev[going_dev], cur[going_dev]
-        n = t + 1  # steps taken
+        n = s + 1  # steps taken
         return Generation(tokens[:, :n], img_layers, txt_layers, dec_layers[:, :n],
                           None if logits_out is None else logits_out[:, :n])
+
+    def check_prefix(self, prefix, B):
+        """-> (B, P) bool, True on the prefix's real tokens. Raises ValueError naming the fault."""
+        cfg = self.cfg
+        if not torch.is_tensor(prefix) or prefix.dim() != 2 or prefix.dtype != torch.long:
+            raise ValueError(f"prefix must be a (B, P) long tensor, got "
+                             f"{getattr(prefix, 'dtype', type(prefix))}")
+        if prefix.shape[0] != B or not 1 <= prefix.shape[1] <= cfg.max_tgt_len:
+            raise ValueError(f"prefix has shape {tuple(prefix.shape)}, needs ({B}, 1.."
+                             f"{cfg.max_tgt_len})")
+        if prefix.min() < 0 or prefix.max() >= cfg.vocab_size:
+            raise ValueError(f"prefix holds token ids outside [0, {cfg.vocab_size})")
+        real = prefix != cfg.pad_id
+        if not real[:, 0].all() or (real[:, 1:] & ~real[:, :-1]).any():
+            raise ValueError("each prefix row must be real tokens then padding only (bos first)")
+        return real
 
     # -- diagnostics and baselines ---------------------------------------------------------------
 

@@ -376,18 +376,25 @@ def test_collate_pads_and_shifts():
         b.src.dtype == b.tgt_in.dtype == b.targets.dtype == torch.long
         and b.src_mask.dtype == torch.bool
     )
+    assert {s.task for s in samples} == {"caption", "ve"}
     for k, s in enumerate(samples):
         src, tgt = tok.encode(s.src), tok.encode(s.tgt)
+        # OFA's prev_output for VE: the decoder reads bos and the prompt, then the answer; only
+        # the answer and eos are scored. Captions start from bos alone.
+        pre = [BOS_ID] + (src if s.task == "ve" else [])
+        n = len(pre) + len(tgt)
         assert b.src[k, : len(src)].tolist() == src and not b.src[k, len(src) :].any()
         assert b.src_mask[k].tolist() == [j < len(src) for j in range(S)]
-        assert b.tgt_in[k, : len(tgt) + 1].tolist() == [BOS_ID] + tgt
-        assert b.targets[k, : len(tgt) + 1].tolist() == tgt + [EOS_ID]
-        assert not b.tgt_in[k, len(tgt) + 1 :].any() and not b.targets[k, len(tgt) + 1 :].any()
-        assert b.tgt_mask[k].tolist() == [j <= len(tgt) for j in range(T)]
-        assert tok.decode(b.targets[k]) == s.tgt and torch.equal(b.images[k], s.image)
+        assert b.prefix[k, : len(pre)].tolist() == pre and not b.prefix[k, len(pre) :].any()
+        assert b.tgt_in[k, :n].tolist() == pre + tgt and not b.tgt_in[k, n:].any()
+        assert b.targets[k].tolist() == [0] * (len(pre) - 1) + tgt + [EOS_ID] + [0] * (T - n)
+        assert b.tgt_mask[k].tolist() == [len(pre) - 1 <= j < n for j in range(T)]
+        assert tok.decode(b.targets[k, len(pre) - 1:]) == s.tgt
+        assert torch.equal(b.images[k], s.image)
     assert b.tasks == [s.task for s in samples] and b.refs == [s.refs for s in samples]
     # padded to the batch's longest, no further
-    assert max(b.src_mask.sum(1)) == S and max(b.tgt_mask.sum(1)) == T
+    assert max(b.src_mask.sum(1)) == S and max((b.tgt_in != 0).sum(1)) == T
+    assert max((b.prefix != 0).sum(1)) == b.prefix.shape[1]
     moved = b.to("cpu")
     assert torch.equal(moved.targets, b.targets) and moved.refs == b.refs
 
@@ -402,6 +409,11 @@ def test_collate_too_long_raises_or_truncates_on_request():
     assert collate([long], tok, max_tgt_len=n + 1).targets.shape == (1, n + 1)
     b = collate([long], tok, max_src_len=3, max_tgt_len=4, truncate=True)
     assert b.src.shape == (1, 3) and b.targets[0].tolist() == tok.encode(long.tgt)[:3] + [EOS_ID]
+    ve = ShapesDataset("val", task="ve", size=1)[0]  # the prefix counts against max_tgt_len
+    n = len(tok.encode(ve.src)) + 1 + 1  # bos + prompt, then the answer
+    with pytest.raises(ValueError, match="too long"):
+        collate([ve], tok, max_tgt_len=n - 1)
+    assert collate([ve], tok, max_tgt_len=n).targets.shape == (1, n)
 
 
 def test_dataloader_with_workers_gives_the_same_batches():
@@ -594,7 +606,8 @@ def test_snli_ve_loads(snli):
     assert ds[2].image.shape == (3, 48, 48)
     tok = Tokenizer.build(ds.texts())
     assert {"yes", "no", "maybe", '"', "?"} <= set(tok.words)
-    assert collate([ds[i] for i in range(3)], tok).targets[:, 0].tolist() == [
+    b = collate([ds[i] for i in range(3)], tok)  # the answer is the first scored target
+    assert [row[m][0].item() for row, m in zip(b.targets, b.tgt_mask, strict=True)] == [
         tok.ids[w] for w in ("yes", "no", "maybe")
     ]
 

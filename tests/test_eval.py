@@ -178,16 +178,18 @@ def explicit_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
 @pytest.mark.parametrize("ex", [None, ExitConfig(0.5, 0.5, 0.3), ExitConfig(1.0, 1.0, 0.2),
                                 ExitConfig(0.9, 0.2, 0.5, dec_criterion="similarity"),
                                 ExitConfig(0.95, 0.6, 0.3, dec_schedule="decay")])
-def test_macs_equal_torch_flop_counter_on_real_generations(fusion, ex, monkeypatch):
+@pytest.mark.parametrize("n_pre", [1, 5])
+def test_macs_equal_torch_flop_counter_on_real_generations(fusion, ex, n_pre, monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", explicit_sdpa)
     model = widened(seed=3, fusion=fusion)
     g = torch.Generator().manual_seed(4)
     images, src = torch.randn(1, 3, 32, 32, generator=g), torch.randint(3, 20, (1, 7), generator=g)
+    prefix = torch.cat([torch.ones(1, 1, dtype=torch.long), src[:, :n_pre - 1]], 1)  # VE's way
     with FlopCounterMode(display=False) as counter:
-        out = model.generate(images, src, 8, exit=ex)
+        out = model.generate(images, src, 8, exit=ex, prefix=prefix)
     dec = [k for k in out.dec_layers[0].tolist() if k > 0]
     macs = ev.sample_macs(model, ex, ev.stem_macs(model), 7, out.img_layers.item(),
-                          out.txt_layers.item(), dec)
+                          out.txt_layers.item(), dec, n_pre)
     assert macs == counter.get_total_flops() // 2  # a multiply-accumulate is two FLOPs
 
 
@@ -200,7 +202,7 @@ def own_quality(model, samples, tok, ex, batch_size=8):
     longest = max(len(tok.encode(r)) for s in samples for r in s.refs)
     for i in range(0, len(samples), batch_size):
         b = collate(samples[i:i + batch_size], tok, truncate=True)
-        g = model.generate(b.images, b.src, min(model.cfg.max_tgt_len, longest + 3), exit=ex)
+        g = model.generate(b.images, b.src, longest + 3, exit=ex, prefix=b.prefix)
         preds += [tok.decode(t) for t in g.tokens]
         img += g.img_layers.tolist()
     return ev.quality(samples[0].task, preds, [s.refs for s in samples])["quality"], img

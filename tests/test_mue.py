@@ -38,6 +38,22 @@ def make_batch(B=8, seed=1, cfg=None, src_len=9):
     return images, src
 
 
+def make_prefix(B=8, seed=2, cfg=None, longest=5):
+    """Decoder prefixes as VE has them (bos, then the prompt): lengths 1..longest, right-padded."""
+    cfg = cfg or MuEConfig(**TINY)
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, cfg.vocab_size, (B, longest), generator=g)
+    prefix[:, 0] = cfg.bos_id
+    for r in range(B):
+        prefix[r, 1 + r % longest:] = cfg.pad_id
+    return prefix
+
+
+def unpad(ids, r, pad=0):
+    """Row r of a right-padded (B, N) tensor, alone and unpadded: (1, n)."""
+    return ids[r:r + 1, :int((ids[r] != pad).sum())]
+
+
 def ended(tokens, eos):
     """Number of tokens up to and including the first eos, per row (all of them if none)."""
     return [(row == eos).nonzero()[0].item() + 1 if (row == eos).any() else len(row)
@@ -47,16 +63,16 @@ def ended(tokens, eos):
 # -- oracle: exits off is the plain model ----------------------------------------------------
 
 
-def slow_greedy(model, images, src, T):
-    """Greedy decoding by re-running `forward` on the whole prefix at every step."""
-    prefix = torch.full((images.shape[0], 1), model.cfg.bos_id)
+def slow_greedy(model, images, src, T, prefix=None):
+    """Greedy decoding by re-running `forward` on everything read so far at every step."""
+    seq = torch.full((images.shape[0], 1), model.cfg.bos_id) if prefix is None else prefix
     steps = []
     with torch.no_grad():
         for _ in range(T):
-            logits = model(images, src, prefix)[0][:, -1]  # (B, V)
+            logits = model(images, src, seq)[0][:, -1]  # (B, V)
             steps.append(logits)
-            prefix = torch.cat([prefix, logits.argmax(-1, keepdim=True)], 1)
-    return prefix[:, 1:], torch.stack(steps, 1)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    return seq[:, -T:], torch.stack(steps, 1)
 
 
 @pytest.mark.parametrize("fusion", ["decomposed", "joint"])
@@ -75,6 +91,28 @@ def test_no_exit_equals_greedy_forward(fusion, seed):
         assert (gen.img_layers == 4).all() and (gen.txt_layers == 4).all()
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prefix_decoding_equals_greedy_forward(seed):
+    """VE's decoder prompt (OFA's prev_output): each row reads its own prefix, then generates."""
+    model = make_model(seed)
+    images, src = make_batch(seed=seed + 40)
+    prefix = make_prefix(seed=seed + 41)
+    gen = model.generate(images, src, 5, prefix=prefix, return_logits=True)
+    assert gen.tokens.shape[1] <= 5
+    for r in range(8):
+        tokens, logits = slow_greedy(model, images[r:r + 1], unpad(src, r), 5, unpad(prefix, r))
+        n = ended(tokens, model.cfg.eos_id)[0]
+        assert torch.equal(gen.tokens[r, :n], tokens[0, :n])
+        torch.testing.assert_close(gen.logits[r, :n], logits[0, :n], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int in 1..6"):
+        model.generate(images, src, 7, prefix=prefix)  # 4 prefix slots after bos, of 10
+    bad = prefix.clone()
+    bad[0, 2:] = 5  # row 0 has bos alone: a token after its padding
+    bad[0, 1] = 0
+    with pytest.raises(ValueError, match="real tokens then padding"):
+        model.generate(images, src, 3, prefix=bad)
+
+
 # -- a slow reference for decoding with exits ------------------------------------------------
 
 
@@ -91,14 +129,16 @@ def slow_encoder_exit(model, x, valid, tau):
     return h, len(model.encoder)
 
 
-def slow_generate(model, images, src, T, ex):
-    """Decode one sample at a time with no cache: every step re-runs the decoder on the whole
-    prefix, and a token that exited at layer e keeps its exit state as the input of every
-    deeper layer, which is exactly what state propagation puts into those layers' caches."""
+def slow_generate(model, images, src, T, ex, prefix=None):
+    """Decode one sample at a time with no cache: every step re-runs the decoder on all it has
+    read, and a token that exited at layer e keeps its exit state as the input of every
+    deeper layer, which is exactly what state propagation puts into those layers' caches.
+    The prefix (bos and a prompt) runs every layer."""
     cfg, L = model.cfg, len(model.decoder)
     out = []
     with torch.no_grad():
         for r in range(images.shape[0]):
+            read = [cfg.bos_id] if prefix is None else unpad(prefix, r)[0].tolist()
             keep = src[r] != cfg.pad_id
             s = src[r:r + 1, :int(keep.sum())]  # the prompt alone, unpadded
             img = model.embed_image(images[r:r + 1])
@@ -109,11 +149,11 @@ def slow_generate(model, images, src, T, ex):
                                         ex.txt_threshold)
             memory = model.enc_ln(torch.cat([img, txt], 1))
             mem_mask = torch.ones(1, 1, 1, memory.shape[1], dtype=torch.bool)
-            prefix, exits = [cfg.bos_id], []
+            exits, new = [L] * (len(read) - 1), []  # exit layer of each position but the last
             for t in range(T):
                 theta = ex.dec_threshold_at(t, T)
-                ids = torch.tensor([prefix])
-                x = model.tok_emb(ids) + model.tgt_pos(torch.arange(len(prefix)))
+                ids = torch.tensor([read])
+                x = model.tok_emb(ids) + model.tgt_pos(torch.arange(len(read)))
                 for j, layer in enumerate(model.decoder):
                     x_new = layer(x, memory, mem_mask)
                     frozen = torch.tensor([e <= j for e in exits] + [False])[None, :, None]
@@ -126,19 +166,22 @@ def slow_generate(model, images, src, T, ex):
                         break
                     x = x_new
                 token = model.head(x_new[0, -1]).argmax().item()
-                prefix.append(token)
+                read.append(token)
+                new.append(token)
                 exits.append(j + 1)
                 if token == cfg.eos_id:
                     break
-            out.append((prefix[1:], exits, il, tl))
+            out.append((new, exits[-len(new):], il, tl))
     return out
 
 
-def thresholds_that_split(model, images, src, criterion):
+def thresholds_that_split(model, images, src, criterion, prefix=None):
     """Thresholds at which the batch's exit layers differ across rows (picked from the model's
     own signal profile, halfway between neighbouring values so that no decision is a tie)."""
-    gen = model.generate(images, src, 10)
-    tgt_in = torch.cat([torch.full((len(src), 1), model.cfg.bos_id), gen.tokens[:, :-1]], 1)
+    if prefix is None:
+        prefix = torch.full((len(src), 1), model.cfg.bos_id)
+    gen = model.generate(images, src, 5, prefix=prefix)
+    tgt_in = torch.cat([prefix, gen.tokens[:, :-1]], 1)
     prof = model.profile(images, src, tgt_in)
 
     def mid(values, q):
@@ -152,13 +195,15 @@ def thresholds_that_split(model, images, src, criterion):
 
 
 @pytest.mark.parametrize("criterion", ["confidence", "similarity"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cached_exits_equal_slow_reference(criterion, seed):
+@pytest.mark.parametrize("seed, with_prefix", [(0, False), (1, False), (2, True), (3, True)])
+def test_cached_exits_equal_slow_reference(criterion, seed, with_prefix):
     model = make_model(seed)
     images, src = make_batch(seed=seed + 20)
-    ex = thresholds_that_split(model, images, src, criterion)
-    gen = model.generate(images, src, 10, exit=ex)
-    ref = slow_generate(model, images, src, 10, ex)
+    prefix = make_prefix(seed=seed + 21) if with_prefix else None
+    ex = thresholds_that_split(model, images, src, criterion, prefix)
+    T = 5 if with_prefix else 10
+    gen = model.generate(images, src, T, exit=ex, prefix=prefix)
+    ref = slow_generate(model, images, src, T, ex, prefix)
     for r, (tokens, exits, il, tl) in enumerate(ref):
         n = len(tokens)
         assert gen.tokens[r, :n].tolist() == tokens
@@ -173,16 +218,17 @@ def test_cached_exits_equal_slow_reference(criterion, seed):
 def test_batch_equals_one_by_one(schedule, seed):
     model = make_model(seed)
     images, src = make_batch(B=8, seed=seed + 30)
-    base = thresholds_that_split(model, images, src, "confidence")
+    prefix = make_prefix(seed=seed + 31) if seed else None  # prompts of several lengths
+    base = thresholds_that_split(model, images, src, "confidence", prefix)
     ex = ExitConfig(base.img_threshold, base.txt_threshold, base.dec_threshold,
                     dec_schedule=schedule)
-    gen = model.generate(images, src, 10, exit=ex)
+    gen = model.generate(images, src, 5, exit=ex, prefix=prefix)
     for name in ("img_layers", "txt_layers"):
         assert len(set(getattr(gen, name).tolist())) > 1, f"{name} equal in every row"
     assert len(set(gen.dec_layers[gen.dec_layers > 0].tolist())) > 1
     for r in range(8):
-        s = src[r:r + 1, :int((src[r] != 0).sum())]  # alone, so without padding
-        one = model.generate(images[r:r + 1], s, 10, exit=ex)
+        one = model.generate(images[r:r + 1], unpad(src, r), 5, exit=ex,  # alone, no padding
+                             prefix=None if prefix is None else unpad(prefix, r))
         n = one.tokens.shape[1]
         assert torch.equal(gen.tokens[r, :n], one.tokens[0])
         assert torch.equal(gen.dec_layers[r, :n], one.dec_layers[0])
