@@ -111,7 +111,7 @@ def sample_macs(model, ex, stem: int, n_txt: int, img_l: int, txt_l: int, dec: l
     """MACs of one sample as `MuE.generate` runs it. n_txt: its real prompt tokens (padding is an
     artefact of batching, absent at batch size 1); img_l, txt_l: encoder layers run per modality;
     dec: decoder layers run for each generated token, eos included; n_pre: the decoder's prefix,
-    bos included (VE reads its prompt there): all but its last token run every layer, once."""
+    bos included (VE reads its prompt there), which runs the layers of the first token."""
     cfg = model.cfg
     C, Ff, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_dec_layers
     n_img, c_stem = model.grid ** 2, model.img_proj.in_features
@@ -119,26 +119,21 @@ def sample_macs(model, ex, stem: int, n_txt: int, img_l: int, txt_l: int, dec: l
     def enc_layer(n):  # q, k, v, out projections; QK^T and AV; the MLP
         return 4 * n * C * C + 2 * n * n * C + 2 * n * C * Ff
 
-    def dec_layer(t):  # one decoder layer for the token at position t (it attends to 0..t)
-        return (4 * C * C + 2 * (t + 1) * C  # self-attention: projections, over t + 1 keys
-                + 2 * C * C + 2 * M * C  # cross-attention: q, out; QK^T and AV
-                + 2 * C * Ff)  # MLP
-
     macs = stem + n_img * c_stem * C  # the stem, then the patch projection
     if cfg.fusion == "decomposed":
         macs += img_l * enc_layer(n_img) + txt_l * enc_layer(n_txt)
     else:  # joint: one sequence, one depth
         macs += img_l * enc_layer(n_img + n_txt)
     M = n_img + n_txt  # memory the decoder cross-attends to
-    reached = L if n_pre > 1 else max(dec)  # the prefill runs every layer
-    macs += reached * 2 * M * C * C  # cross-attention K/V of the memory, once per layer reached
-    n = n_pre - 1  # the prefill: one teacher-forced pass, no head; its causal attention
-    macs += L * (n * (dec_layer(0) - 2 * C) + 2 * n * n * C)  # products are full n x n ones
+    macs += max(dec) * 2 * M * C * C  # cross-attention K/V of the memory, once per layer reached
     ex = ex or ExitConfig()
     heads_at_every_layer = ex.dec_criterion == "confidence" and ex.dec_threshold < 1.0
-    for s, k in enumerate(dec):  # generated token s, at position n_pre - 1 + s, ran layers 1..k
-        macs += k * dec_layer(n_pre - 1 + s) + (k if heads_at_every_layer else 1) * C * V
-        macs += (L - k) * 2 * C * C  # state propagation: K/V for each layer it skipped
+    for s, k in enumerate(dec):  # step s read n tokens (the prefix at s = 0), ran layers 1..k
+        n, keys = (n_pre, n_pre) if s == 0 else (1, n_pre + s)  # keys: positions attended to
+        per_layer = (n * (4 * C * C + 2 * C * C + 2 * C * Ff)  # projections (self q, k, v, out;
+                     + 2 * n * keys * C + 2 * n * M * C)  # cross q, out), MLP; QK^T and AV
+        macs += k * per_layer + (k if heads_at_every_layer else 1) * C * V  # heads: one token
+        macs += (L - k) * n * 2 * C * C  # state propagation: K/V for each layer it skipped
     return macs
 
 

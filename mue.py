@@ -200,32 +200,27 @@ class DecoderLayer(nn.Module):
         x = x + self.cross_attn(self.ln2(x), memory, mask=mem_mask)
         return x + self.mlp(self.ln3(x))
 
-    def self_kv(self, x):  # (b, 1, C) -> this layer's cache entry for a token whose state is x
+    def self_kv(self, x):  # (b, n, C) -> this layer's cache entries for tokens whose state is x
         return self.self_attn.project_kv(self.ln1(x))
 
-    def prefill(self, x, cache, cross_kv, mem_mask):
-        """The decoder's prompt, every layer, teacher-forced: x: (B, P, C) at positions 0..P-1,
-        whose keys and values go into this layer's cache (B, H, T_max, C/H) at 0..P-1."""
+    def step(self, x, cache, rows, slots, self_mask, cross_kv, mem_mask):
+        """Decoding with a cache. x: (b, n, C), tokens of batch rows `rows` (b,) at positions
+        slots (b, n): a row's whole prefix at the first step, one generated token after. cache:
+        this layer's (keys, values), each (B, H, T_max, C/H), where their entries are written;
+        self_mask (b, 1, n, K) says which of the first K positions each token attends to."""
         a = self.ln1(x)
-        k, v = self.self_attn.project_kv(a)  # (B, H, P, C/H)
-        cache[0][:, :, :x.shape[1]], cache[1][:, :, :x.shape[1]] = k, v
-        x = x + self.self_attn.attend(a, k, v, causal=True)
+        put(cache, rows, slots, *self.self_attn.project_kv(a))
+        K = self_mask.shape[-1]
+        x = x + self.self_attn.attend(a, cache[0][rows, :, :K], cache[1][rows, :, :K], self_mask)
         x = x + self.cross_attn.attend(self.ln2(x), *cross_kv, mask=mem_mask)
         return x + self.mlp(self.ln3(x))
 
-    def step(self, x, cache, rows, pos, self_mask, cross_kv, mem_mask):
-        """One generated token per row. x: (b, 1, C) for batch rows `rows` (b,), each at its own
-        position pos (b,) (prompts differ in length); cache: this layer's (keys, values), each
-        (B, H, T_max, C/H). Writes each row's position; self_mask (b, 1, 1, n) marks the
-        positions 0..pos of each row among the first n."""
-        a = self.ln1(x)
-        k, v = self.self_attn.project_kv(a)  # (b, H, 1, C/H)
-        keys, values = cache
-        keys[rows, :, pos], values[rows, :, pos] = k[:, :, 0], v[:, :, 0]
-        n = self_mask.shape[-1]
-        x = x + self.self_attn.attend(a, keys[rows, :, :n], values[rows, :, :n], mask=self_mask)
-        x = x + self.cross_attn.attend(self.ln2(x), *cross_kv, mask=mem_mask)
-        return x + self.mlp(self.ln3(x))
+
+def put(cache, rows, slots, k, v):
+    """Write k, v: (b, H, n, C/H) into a layer's cache (keys, values), each (B, H, T_max, C/H),
+    at batch rows `rows` (b,) and positions slots (b, n)."""
+    cache[0][rows[:, None], :, slots] = k.transpose(1, 2)  # indexed: (b, n, H, C/H)
+    cache[1][rows[:, None], :, slots] = v.transpose(1, 2)
 
 
 class CrossCache:
@@ -464,15 +459,16 @@ class MuE(nn.Module):
     def generate(self, images, src, max_new_tokens, exit=None, return_logits=False, prefix=None):
         """Greedy decoding with MuE's exits; exit=None (or all thresholds 1.0) is the full model.
 
-        prefix: (B, P) long, what the decoder reads before its first prediction, right-padded:
+        prefix: (B, P) long, right-padded, what the decoder reads before its first prediction:
         bos, then for VE the prompt itself (OFA's prev_output, MUE_NOTES item 5); None = bos
-        alone. The prefix is the decoder's prompt, not output: it runs every layer in one
-        teacher-forced pass, and the exits apply to the generated tokens, as the paper counts.
-        Per step s, the working set starts as the samples still generating, each at its own
-        position (its prefix length - 1 + s). After each decoder layer, a sample whose signal
-        beats Theta(s) predicts from that layer and leaves the set; every deeper layer then gets
-        a cache entry for its token computed from the exit state (state propagation), and the
-        rest go on. Encoder exits happen in `encode`. Returns the generated tokens only.
+        alone. Step s = 0 reads each row's whole prefix in one pass, and the prefix leaves the
+        decoder together with the token its last position predicts, as the authors' code exits
+        a VE sample's whole decoder pass at once; each later step reads one generated token.
+        After each decoder layer, a sample whose signal (of its predicting token) beats Theta(s)
+        predicts from that layer and leaves the working set; every deeper layer then gets cache
+        entries for the tokens of this step computed from their exit states (state
+        propagation), and the rest go on. Encoder exits happen in `encode`. Returns the
+        generated tokens only; dec_layers counts per generated token, as the paper does.
         """
         if self.training:
             raise RuntimeError("call model.eval() before generate: dropout and batch-norm "
@@ -497,17 +493,6 @@ class MuE(nn.Module):
             return memory.new_zeros(B, H, P - 1 + S, cfg.d_model // H)
         caches = [(empty(), empty()) for _ in range(L)]
         cross = CrossCache(self.decoder, memory)
-        alive = torch.arange(B)  # samples still generating: on the host for bookkeeping,
-        alive_dev = alive.to(dev)  # and on the device for indexing
-        if P > 1:  # the prompt but its last token, whose position predicts the first new token
-            x = self.tok_emb(prefix[:, :-1]) + self.tgt_pos.weight[:P - 1]  # (B, P-1, C)
-            for j, layer in enumerate(self.decoder):
-                x = layer.prefill(x, caches[j], cross.get(j, alive, alive_dev), mem_mask)
-        # A shorter prompt's padding was prefilled too: its slots are masked below, overwritten
-        # later. first: each row's position of its first prediction, on the host and the device.
-        first = real.sum(1).cpu() - 1
-        first_dev = first.to(dev)
-
         tokens = torch.full((B, S), cfg.pad_id, dtype=torch.long, device=dev)
         dec_layers = torch.zeros((B, S), dtype=torch.long, device=dev)
         logits_out = memory.new_zeros(B, S, cfg.vocab_size) if return_logits else None
@@ -517,43 +502,53 @@ class MuE(nn.Module):
             if return_logits:
                 logits_out[idx, s] = logits.float()
 
-        cur = prefix[torch.arange(B, device=dev), first_dev]  # (b,) input tokens
+        alive = torch.arange(B)  # samples still generating: on the host for bookkeeping,
+        alive_dev = alive.to(dev)  # and on the device for indexing
+        first = real.sum(1).cpu() - 1  # (B,) position of each row's last prefix token, the one
+        first_dev = first.to(dev)  # that predicts its first new token
+        x = self.tok_emb(prefix) + self.tgt_pos.weight[:P]  # step 0 reads the prefix: (B, P, C)
+
+        def current(h):  # (b, n, C) -> (b, C), the state of each row's predicting token
+            return h[:, 0] if h.shape[1] == 1 else h[torch.arange(len(at), device=dev), at]
         for s in range(S):
             theta = ex.dec_threshold_at(s, S)
             rows, rows_dev = alive, alive_dev  # this step's working set
-            pos = first_dev[rows_dev] + s  # (b,) the position each row writes and reads from
-            n = int(first[rows].max()) + s + 1  # cache slots anyone attends to
-            self_mask = (torch.arange(n, device=dev) <= pos[:, None])[:, None, None, :]
-            mask = mem_mask[rows_dev]  # (b, 1, 1, M); both gathered again only when rows leave
-            h = (self.tok_emb(cur) + self.tgt_pos(pos))[:, None]  # (b, 1, C)
+            n = x.shape[1]
+            start = first_dev[rows_dev] + s if s else torch.zeros_like(rows_dev)  # (b,)
+            slots = start[:, None] + torch.arange(n, device=dev)  # (b, n) positions of x
+            at = first_dev[rows_dev] + s - start  # (b,) where in x each row's predicting token is
+            K = int(first[rows].max()) + s + 1 if s else P  # cache positions anyone attends to
+            self_mask = (torch.arange(K, device=dev) <= slots[:, :, None])[:, None]  # causal
+            mask = mem_mask[rows_dev]  # (b, 1, 1, M); these are gathered again when rows leave
+            h = x
             for j, layer in enumerate(self.decoder):
-                h_new = layer.step(h, caches[j], rows_dev, pos, self_mask,
-                                   cross.get(j, rows, rows_dev), mask)  # (b, 1, C)
+                h_new = layer.step(h, caches[j], rows_dev, slots, self_mask,
+                                   cross.get(j, rows, rows_dev), mask)  # (b, n, C)
                 if j == L - 1:  # the last layer predicts for every sample still here
-                    predict(rows_dev, self.head(h_new[:, 0]), s, L)
+                    predict(rows_dev, self.head(current(h_new)), s, L)
                     break
                 if theta < 1.0:
                     logits = None
                     if ex.dec_criterion == "confidence":
-                        logits = self.head(h_new[:, 0])  # (b, V): the current token's only
+                        logits = self.head(current(h_new))  # (b, V): the predicting token's only
                         signal = logits.float().softmax(-1).amax(-1)
                     else:
-                        signal = masked_cosine(h_new, h)
+                        signal = masked_cosine(current(h_new)[:, None], current(h)[:, None])
                     done_dev = signal > theta  # (b,)
                     done = done_dev.cpu()  # one host sync per layer, for the compaction
                     if done.any():
-                        h_exit, idx, at = h_new[done_dev], rows_dev[done_dev], pos[done_dev]
-                        predict(idx, self.head(h_exit[:, 0]) if logits is None
+                        h_exit, idx = h_new[done_dev], rows_dev[done_dev]  # (e, n, C), (e,)
+                        predict(idx, self.head(current(h_new)[done_dev]) if logits is None
                                 else logits[done_dev], s, j + 1)
                         for deeper in range(j + 1, L):  # state propagation into skipped layers
-                            k, v = self.decoder[deeper].self_kv(h_exit)  # (e, H, 1, C/H)
-                            caches[deeper][0][idx, :, at] = k[:, :, 0]
-                            caches[deeper][1][idx, :, at] = v[:, :, 0]
+                            put(caches[deeper], idx, slots[done_dev],
+                                *self.decoder[deeper].self_kv(h_exit))
                         if done.all():
                             break
                         keep, keep_dev = ~done, ~done_dev
                         h_new, rows, rows_dev = h_new[keep_dev], rows[keep], rows_dev[keep_dev]
-                        pos, mask, self_mask = pos[keep_dev], mask[keep_dev], self_mask[keep_dev]
+                        slots, at = slots[keep_dev], at[keep_dev]
+                        mask, self_mask = mask[keep_dev], self_mask[keep_dev]
                 h = h_new
             # Samples that just wrote eos are finished: drop them from the next steps.
             cur = tokens[alive_dev, s]
@@ -563,6 +558,8 @@ class MuE(nn.Module):
             if not going.all():
                 going_dev = going.to(dev)
                 alive, alive_dev, cur = alive[going], alive_dev[going_dev], cur[going_dev]
+            if s + 1 < S:  # the next step reads the token each row just generated
+                x = (self.tok_emb(cur) + self.tgt_pos(first_dev[alive_dev] + s + 1))[:, None]
         n = s + 1  # steps taken
         return Generation(tokens[:, :n], img_layers, txt_layers, dec_layers[:, :n],
                           None if logits_out is None else logits_out[:, :n])

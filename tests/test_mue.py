@@ -133,7 +133,7 @@ def slow_generate(model, images, src, T, ex, prefix=None):
     """Decode one sample at a time with no cache: every step re-runs the decoder on all it has
     read, and a token that exited at layer e keeps its exit state as the input of every
     deeper layer, which is exactly what state propagation puts into those layers' caches.
-    The prefix (bos and a prompt) runs every layer."""
+    The prefix (bos and a prompt) runs the layers of the first token it predicts."""
     cfg, L = model.cfg, len(model.decoder)
     out = []
     with torch.no_grad():
@@ -149,7 +149,7 @@ def slow_generate(model, images, src, T, ex, prefix=None):
                                         ex.txt_threshold)
             memory = model.enc_ln(torch.cat([img, txt], 1))
             mem_mask = torch.ones(1, 1, 1, memory.shape[1], dtype=torch.bool)
-            exits, new = [L] * (len(read) - 1), []  # exit layer of each position but the last
+            exits, new, logits = [L] * (len(read) - 1), [], []  # exits: per position read
             for t in range(T):
                 theta = ex.dec_threshold_at(t, T)
                 ids = torch.tensor([read])
@@ -165,13 +165,15 @@ def slow_generate(model, images, src, T, ex, prefix=None):
                     if j == L - 1 or (theta < 1 and signal > theta):
                         break
                     x = x_new
-                token = model.head(x_new[0, -1]).argmax().item()
+                logits.append(model.head(x_new[0, -1]))
+                token = logits[-1].argmax().item()
+                # step 0 reads the whole prefix, which leaves the decoder with its prediction
+                exits = exits + [j + 1] if t else [j + 1] * len(read)
                 read.append(token)
                 new.append(token)
-                exits.append(j + 1)
                 if token == cfg.eos_id:
                     break
-            out.append((new, exits[-len(new):], il, tl))
+            out.append((new, exits[-len(new):], il, tl, torch.stack(logits)))
     return out
 
 
@@ -195,22 +197,26 @@ def thresholds_that_split(model, images, src, criterion, prefix=None):
 
 
 @pytest.mark.parametrize("criterion", ["confidence", "similarity"])
-@pytest.mark.parametrize("seed, with_prefix", [(0, False), (1, False), (2, True), (3, True)])
+@pytest.mark.parametrize("seed, with_prefix", [(0, False), (1, False), (4, True), (6, True)])
 def test_cached_exits_equal_slow_reference(criterion, seed, with_prefix):
     model = make_model(seed)
     images, src = make_batch(seed=seed + 20)
     prefix = make_prefix(seed=seed + 21) if with_prefix else None
     ex = thresholds_that_split(model, images, src, criterion, prefix)
     T = 5 if with_prefix else 10
-    gen = model.generate(images, src, T, exit=ex, prefix=prefix)
+    gen = model.generate(images, src, T, exit=ex, prefix=prefix, return_logits=True)
     ref = slow_generate(model, images, src, T, ex, prefix)
-    for r, (tokens, exits, il, tl) in enumerate(ref):
+    for r, (tokens, exits, il, tl, logits) in enumerate(ref):
         n = len(tokens)
         assert gen.tokens[r, :n].tolist() == tokens
         assert gen.dec_layers[r, :n].tolist() == exits
+        torch.testing.assert_close(gen.logits[r, :n], logits, atol=1e-4, rtol=1e-4)
         assert (gen.dec_layers[r, n:] == 0).all()
         assert (gen.img_layers[r].item(), gen.txt_layers[r].item()) == (il, tl)
     assert len(set(gen.dec_layers[gen.dec_layers > 0].tolist())) > 1, "thresholds split nothing"
+    if with_prefix:  # a prompt that left early is read by a later token that goes deeper
+        d = gen.dec_layers
+        assert ((prefix != 0).sum(1).gt(1) & (d[:, 0] < 4) & (d[:, 1] > d[:, 0])).any()
 
 
 @pytest.mark.parametrize("schedule", ["constant", "decay"])
