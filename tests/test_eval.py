@@ -383,7 +383,13 @@ def test_bad_checkpoints_are_refused(ckpt, trained, tmp_path, capsys):
     save_checkpoint(tmp_path / "big.pt", bigger, tokenizer=state["tokenizer"])
     assert ev.main(["--ckpt", str(ckpt), "--ablation", str(tmp_path / "big.pt")]) == 1
     assert "image size" in capsys.readouterr().err
+    assert ev.main(["--ckpt", str(tmp_path)]) == 1  # a folder: which file was meant
+    assert f"did you mean {tmp_path / 'ckpt.pt'}?" in capsys.readouterr().err
+    (tmp_path / "report.json").write_text('{"rows": []}')
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "junk.pt")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "cannot be read" in proc.stderr
+    for name in ("report.json", "junk.pt"):  # one line of ours, not torch's plea to file an issue
+        proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / name)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("eval.py: error: ") and "file an issue" not in proc.stderr
+        assert "is not a checkpoint written by train.py" in proc.stderr

@@ -109,7 +109,7 @@ def test_errors_leave_the_checkpoint_untouched(tmp_path, capsys):
         assert path.read_bytes() == good
     path.write_bytes(good[:1000])
     assert run(out, "--steps", "4", "--resume", "true") == 1
-    assert "cannot be read" in capsys.readouterr().err
+    assert "not a checkpoint written by train.py" in capsys.readouterr().err
     assert run(tmp_path / "new", "--steps", "4", "--resume", "true") == 1
     assert "does not exist" in capsys.readouterr().err
     assert run(tmp_path / "coco", "--data", "coco", "--ann", str(tmp_path / "missing.json"),
