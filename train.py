@@ -29,6 +29,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -51,7 +52,8 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate of AdamW
     min_lr: float = 1e-4  # where the cosine decay ends
     warmup: int = 50  # steps of linear warm-up
-    weight_decay: float = 0.05  # AdamW's, on matrices only (not on norms, biases, embeddings)
+    weight_decay: float = 0.05  # AdamW's, on linear and conv weights (not norms, biases,
+    # embeddings or positions)
     grad_clip: float = 1.0  # maximum global gradient norm
     seed: int = 0  # data order, dropout, initial weights and the synthetic world
     device: str = ""  # "" = cuda if present, else cpu
@@ -190,10 +192,13 @@ def setup_distributed(t: TrainConfig):
 
 
 def make_optimizer(model, t: TrainConfig):
-    """AdamW with weight decay on matrices and convolutions only."""
+    """AdamW with weight decay on the weights of linear layers and convolutions only: norms,
+    biases, the token and type embeddings and every position (src_pos, tgt_pos, img_row,
+    img_col) are not pulled towards zero. Chosen by module, so a new embedding is safe too."""
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     decay, rest = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "emb" not in name else rest).append(p)
+    for p in model.parameters():
+        (decay if id(p) in weights else rest).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                               {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.98))
 

@@ -43,6 +43,21 @@ def test_flags_override_presets_and_unknown_flags_are_rejected(capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_embeddings_positions_norms_and_biases_are_not_decayed():
+    model = mue.MuE(mue.MuEConfig(d_model=32, n_heads=2, d_ff=64, n_enc_layers=1,
+                                  n_dec_layers=1, image_size=32))
+    decay, rest = train.make_optimizer(model, train.TrainConfig()).param_groups
+    assert (decay["weight_decay"], rest["weight_decay"]) == (0.05, 0.0)
+    decayed = {id(p) for p in decay["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    for name in ("src_pos.weight", "tgt_pos.weight", "img_row", "img_col", "tok_emb.weight",
+                 "type_emb.weight", "enc_ln.weight", "dec_ln.bias", "img_proj.bias"):
+        assert name not in names
+    assert "img_proj.weight" in names and "stem.0.weight" in names  # a linear and a conv
+    assert all(n.endswith(".weight") and "ln" not in n and "emb" not in n for n in names)
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
 def test_unknown_flag_exits_non_zero_from_the_command_line():
     r = subprocess.run([sys.executable, "train.py", "--stepz", "3"], cwd=ROOT,
                        capture_output=True, text=True)
