@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from eval import calibrate, compare, format_table, write_json
+from eval import calibrate, compare, format_table, pick_device, write_json
 from mue import ExitConfig, MuE, MuEConfig, load_checkpoint, save_checkpoint
 
 
@@ -148,7 +148,7 @@ def check_train_config(t: TrainConfig):
         raise ValueError(f"--data {t.data} needs --ann and --images (nothing is downloaded)")
     if t.task not in ("multi", "caption", "ve"):
         raise ValueError(f"--task must be multi, caption or ve, got {t.task!r}")
-    if t.device and not re.fullmatch(r"cpu|cuda(:\d+)?", t.device):
+    if t.device and not re.fullmatch(r"cpu|cuda(:\d+)?", t.device):  # a usage error: exit 2
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {t.device!r}")
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "val_size", "test_size"):
         if getattr(t, name) < 1:
@@ -204,9 +204,7 @@ def lr_at(step, t: TrainConfig):
 
 def setup_distributed(t: TrainConfig):
     """-> (rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPUs."""
-    device = t.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} but no CUDA GPU is available")
+    device = pick_device(t.device)  # ValueError for cuda on a machine without
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         if device.startswith("cuda"):
