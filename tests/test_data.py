@@ -239,6 +239,47 @@ def test_scenes_are_well_formed_and_splits_never_share_one():
     assert len(keys["train"]) < 2000
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_objects=5), "captions would reach 19 words"),  # "a red circle and ..." x 5
+        (dict(max_objects=8), "at most 4"),
+        (dict(max_objects=1), "need 2 <= max_objects"),
+        (dict(max_objects=4, grid=2), "need 2 <= max_objects < grid * grid = 4"),
+        (dict(p_box=1.01), "p_box in [0, 1]"),
+        (dict(p_box=-0.1), "p_box in [0, 1]"),
+        (dict(noise=-0.01), "noise >= 0"),
+        (dict(clutter=-1), "clutter >= 0"),
+        (dict(clutter=1.5), "integer clutter"),
+        (dict(image_size=0), "image_size >= 1"),
+        (dict(size=-1), "size >= 0"),
+    ],
+)
+def test_settings_the_world_cannot_serve_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ShapesDataset("train", **kwargs)
+
+
+@pytest.mark.parametrize("max_objects, grid", [(2, 2), (3, 2), (4, 3), (4, 4)])
+@pytest.mark.parametrize("p_box", [0.0, 0.99, 1.0])
+def test_every_allowed_setting_draws_samples(max_objects, grid, p_box):
+    """What the constructor admits, the sampler serves: the first samples of every split and
+    task draw, captions fit, labels hold (p_box=1.0 included: a "no" to "there is ..." cannot
+    stand beside a box, so such a sample gets a scene without one)."""
+    for split, task in product(("train", "val", "test"), ("caption", "ve")):
+        ds = ShapesDataset(split, task, size=120, max_objects=max_objects, grid=grid, p_box=p_box)
+        for i in range(len(ds)):
+            sp = ds.spec(i)
+            assert 1 <= len(sp.scene.objects) + (sp.scene.box is not None) <= max_objects
+            if task == "ve":
+                assert checked_label(parse_claim(sp.src), sp.scene) == sp.tgt, (i, sp)
+            else:
+                assert len(sp.tgt.split()) <= data.MAX_CAPTION_WORDS
+    odd = ShapesDataset("val", max_objects=max_objects, grid=grid, p_box=p_box, image_size=5,
+                        clutter=0, noise=2.0)
+    assert odd[0].image.shape == (3, 5, 5) and torch.isfinite(odd[1].image).all()
+
+
 def sample_bytes(ds, idx):
     return [(ds[i].image.numpy().tobytes(), ds[i].src, ds[i].tgt, tuple(ds[i].refs)) for i in idx]
 
@@ -349,6 +390,12 @@ def test_tokenizer_basics_and_checkpoint_roundtrip(tmp_path):
 def test_shapes_tokenizer_covers_the_grammar():
     tok = shapes_tokenizer()
     assert tok.words[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"] and len(tok) < 60
+    # exactly the words the grammar produces, written out here: no "{" or "}" of the VE template
+    prompts = "what does the image describe ? \" there is are at least and of box shape shapes"
+    grammar = set(prompts.split()) | set(SHAPE_WORDS) | {s + "s" for s in SHAPE_WORDS}
+    grammar |= set(COLOUR_WORDS) | set(SIZE_WORDS) | set(NUMBER) | {"yes", "no", "maybe"}
+    grammar |= {"left", "right", "above", "below"}
+    assert set(tok.words[4:]) == grammar and len(tok.words) == len(grammar) + 4
     for split, task in product(("train", "test"), ("caption", "ve")):
         ds = ShapesDataset(split, task=task, size=600, seed=4)
         for i in range(len(ds)):
