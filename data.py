@@ -36,6 +36,7 @@ belongs to the requested split. So train, val and test never share a scene.
     python data.py --task ve --n 16 --out out/ve.png
 """
 
+import argparse
 import json
 import os
 import random
@@ -605,25 +606,42 @@ def difficulty(ds: ShapesDataset, n: int) -> dict[str, Counter]:
     return c
 
 
-def main():
-    import argparse
-    import textwrap
+def positive(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return int(text)
 
+
+def parser():
     p = argparse.ArgumentParser(description="Draw shapes samples and their texts; print the mix.")
-    p.add_argument("--out", default="out/shapes_samples.png", help="PNG path")
-    p.add_argument("--n", type=int, default=16, help="samples in the grid")
+    p.add_argument("--out", default="out/shapes_samples.png",
+                   help="PNG path, or a folder (ends with /, exists, or has no extension) for "
+                        "shapes_samples.png")
+    p.add_argument("--n", type=positive, default=16, help="samples in the grid")
     p.add_argument("--split", default="train", choices=tuple(SPLIT_SIZES))
     p.add_argument("--task", default="multi", choices=("multi", "caption", "ve"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--stats", type=int, default=3000, help="samples to measure the mix on")
-    args = p.parse_args()
+    p.add_argument("--image-size", type=positive, default=64)
+    p.add_argument("--stats", type=positive, default=3000, help="samples to measure the mix on "
+                   "(drawn on the fly: more than the split's nominal size is fine)")
+    return p
+
+
+def main(argv=None):
+    import textwrap
+
+    args = parser().parse_args(argv)
+    out = args.out
+    if out.endswith(("/", os.sep)) or os.path.isdir(out) or not os.path.splitext(out)[1]:
+        out = os.path.join(out, "shapes_samples.png")  # not a hidden out/.png
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ds = ShapesDataset(args.split, args.task, seed=args.seed, image_size=args.image_size)
+    # sized for the request: val and test are 500 by default, but any index can be drawn
+    ds = ShapesDataset(args.split, args.task, size=max(args.n, args.stats), seed=args.seed,
+                       image_size=args.image_size)
     cols = 4
     rows = -(-args.n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 4.3 * rows), squeeze=False)
@@ -638,9 +656,9 @@ def main():
         ax.text(0.5, -0.03, "\n".join(textwrap.fill(t, 44) for t in lines), transform=ax.transAxes,
                 ha="center", va="top", fontsize=7, family="monospace")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}\nthe mix over the first {args.stats} {args.split} samples:")
     for name, counter in difficulty(ds, args.stats).items():
         total = sum(counter.values())
         shares = (f"{k} {100 * v / total:.1f}%" for k, v in sorted(counter.items()))

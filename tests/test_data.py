@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections import Counter
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -470,6 +471,27 @@ def test_main_writes_a_png(tmp_path, monkeypatch, capsys):
     with Image.open(out) as im:
         assert im.size[0] > 300 and im.size[1] > 300
     assert "kind/label" in capsys.readouterr().out
+
+
+def test_main_names_folders_measures_what_is_asked_and_refuses_no_samples(
+    tmp_path, monkeypatch, capsys
+):
+    measured = []
+    real = data.difficulty
+    monkeypatch.setattr(data, "difficulty", lambda ds, n: measured.append(min(n, len(ds))) or
+                        real(ds, n))
+    (tmp_path / "there").mkdir()
+    for out in (f"{tmp_path}/new/", str(tmp_path / "there")):  # a folder gets the file name
+        data.main(["--out", out, "--n", "1", "--split", "test", "--stats", "600"])
+        assert (Path(out) / "shapes_samples.png").is_file()
+        assert "the mix over the first 600 test samples:" in capsys.readouterr().out
+    assert measured == [600, 600]  # the test split's nominal 500 is no cap: samples are drawn
+    assert not (tmp_path / "new" / ".png").exists()
+    for argv, message in ((["--n", "0"], "--n: must be at least 1, got 0"),
+                          (["--stats", "-3"], "--stats: must be at least 1")):
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
