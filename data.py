@@ -376,6 +376,14 @@ class ShapesDataset(Dataset):
         return Sample(image, sp.src, sp.tgt, sp.refs, sp.task)
 
 
+def shapes_max_tokens() -> tuple[int, int]:
+    """The longest prompt, and the longest target with eos, that the shapes grammar writes, in
+    tokens: a VE prompt around a relation of two three-word descriptions, and a caption of
+    MAX_CAPTION_WORDS words. MuEConfig's max_src_len / max_tgt_len must hold them."""
+    longest = VE_PROMPT.format("a large yellow triangle is right of a small green circle")
+    return len(_TOKEN.findall(longest)), MAX_CAPTION_WORDS + 1
+
+
 def shapes_tokenizer() -> Tokenizer:
     """Every word the shapes grammar can produce, alphabetically (a fixed, seed-free vocabulary)."""
     grammar = "there is are at least and of box shape shapes"

@@ -124,6 +124,10 @@ def parse_args(argv=None):
         mcfg = MuEConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
         tcfg = TrainConfig(**{k: v for k, v in merged.items() if k not in MODEL_FIELDS})
         check_train_config(tcfg)
+        src, tgt = data.shapes_max_tokens()
+        if tcfg.data == "shapes" and (mcfg.max_src_len < src or mcfg.max_tgt_len < tgt):
+            raise ValueError(f"the shapes texts need --max-src-len >= {src} and --max-tgt-len "
+                             f">= {tgt} (eos included); a shorter one fails mid-run")
     except ValueError as e:
         p.error(str(e))
     return mcfg, tcfg, set(args)
@@ -258,7 +262,8 @@ def start(mcfg, tcfg, given, device):
         raise ValueError(f"{path} was trained with other settings for {', '.join(clash)}: "
                          f"drop those flags to resume it, or start over with --force")
     tcfg = replace(saved_t, **{**{n: getattr(tcfg, n) for n in given & KEEP_ON_RESUME},
-                               "out": tcfg.out, "resume": True, "force": False})
+                               "out": tcfg.out, "device": tcfg.device,  # this machine's
+                               "resume": True, "force": False})
     if state["step"] >= tcfg.steps:
         raise ValueError(f"{path} is already at step {state['step']} of --steps {tcfg.steps} "
                          f"(a larger --steps trains it further)")

@@ -397,6 +397,7 @@ def test_shapes_tokenizer_covers_the_grammar():
     grammar |= set(COLOUR_WORDS) | set(SIZE_WORDS) | set(NUMBER) | {"yes", "no", "maybe"}
     grammar |= {"left", "right", "above", "below"}
     assert set(tok.words[4:]) == grammar and len(tok.words) == len(grammar) + 4
+    longest, seen_src = data.shapes_max_tokens(), 0  # what train.py asks of max_src_len etc.
     for split, task in product(("train", "test"), ("caption", "ve")):
         ds = ShapesDataset(split, task=task, size=600, seed=4)
         for i in range(len(ds)):
@@ -404,7 +405,10 @@ def test_shapes_tokenizer_covers_the_grammar():
             for text in [sp.src, sp.tgt, *sp.refs]:
                 ids = tok.encode(text)
                 assert UNK_ID not in ids, text
+            assert len(tok.encode(sp.src)) <= longest[0] and len(tok.encode(sp.tgt)) < longest[1]
+            seen_src = max(seen_src, len(tok.encode(sp.src)))
             assert tok.decode(tok.encode(sp.tgt)) == sp.tgt
+    assert seen_src == longest[0] == 18
 
 
 # -----------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def test_flags_override_presets_and_unknown_flags_are_rejected(capsys):
                           (["--dec-criterion", "entropy"], "dec_criterion must be one of"),
                           (["--dec-schedule", "linear"], "dec_schedule must be one of"),
                           (["--workers", "-1"], "workers >= 0"),
+                          (["--max-src-len", "12"], "--max-src-len >= 18"),
                           (["--resume", "--force"], "pick one"),
                           (["--resume", "1", "--force", "1"], "pick one")):
         with pytest.raises(SystemExit) as e:
