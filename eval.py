@@ -13,9 +13,10 @@ time shows up as a ratio below 1.
     python eval.py --ckpt out/ckpt.pt --sweep                     # threshold grid, trade-off PNG
     python eval.py --ckpt out/ckpt.pt --ablation out/joint.pt --ablation out/last.pt
 
-Writes under --out: profiles.png (the paper's Fig. 3: each layer's cosine to the one below it),
-exits.png (where the image, the text and each generated word exited), words.png (a few captions,
-word by layer) and, with --sweep, sweep.png. --json PATH gets every number of the tables.
+Writes under --out, by default the checkpoint's folder: profiles.png (the paper's Fig. 3: each
+layer's cosine to the one below it), exits.png (where the image, the text and each generated word
+exited), words.png (a few captions, word by layer) and, with --sweep, sweep.png. --json PATH gets
+every number of the tables.
 """
 
 import argparse
@@ -825,4 +826,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # --calibrate writes checkpoints atomically: nothing is half-done
+        print("eval.py: interrupted", file=sys.stderr)
+        sys.exit(130)
