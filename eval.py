@@ -35,7 +35,7 @@ import torch.nn as nn
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from data import Tokenizer, collate, load_split
+from data import Tokenizer, collate, load_split, positive
 from mue import ExitConfig, load_checkpoint, save_checkpoint
 
 # Thresholds (image / text / decoder) of the authors' scripts, used when a checkpoint carries no
@@ -702,15 +702,15 @@ def parser():
     p.add_argument("--ann", help="coco: Karpathy json; snli_ve: folder or '{split}' pattern")
     p.add_argument("--images", help="image folder (coco, snli_ve)")
     p.add_argument("--seed", type=int, help="shapes seed (default: the checkpoint's)")
-    p.add_argument("--n", type=int, help="test samples, the first n of the split over all "
+    p.add_argument("--n", type=positive, help="test samples, the first n of the split over all "
                    "tasks (default: train.py's test_size, else 500)")
-    p.add_argument("--n-val", type=int, help="val samples for --calibrate (default: train.py's "
-                   "val_size, else 300)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--n-b1", type=int, default=8, help="samples timed at batch size 1, per task")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per unit (median)")
+    p.add_argument("--n-val", type=positive, help="val samples for --calibrate (default: "
+                   "train.py's val_size, else 300)")
+    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument("--n-b1", type=positive, default=8, help="samples timed at batch 1, per task")
+    p.add_argument("--repeats", type=positive, default=3, help="timed runs per unit (median)")
     p.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy machine)")
+    p.add_argument("--threads", type=positive, help="torch CPU threads (1: faster on a busy CPU)")
     p.add_argument("--img", type=float, help="image threshold, all tasks (cosine, [-1, 1])")
     p.add_argument("--txt", type=float, help="text threshold, all tasks (cosine, [-1, 1])")
     p.add_argument("--dec", type=float, help="decoder threshold, all tasks")
@@ -726,7 +726,7 @@ def parser():
                    "train.py's --target, else 0.99)")
     p.add_argument("--sweep", action="store_true", help="threshold grid and trade-off PNG")
     p.add_argument("--grid", type=int, default=4, help="values per knob in the sweep")
-    p.add_argument("--sweep-n", type=int, default=200, help="test samples in the sweep (its "
+    p.add_argument("--sweep-n", type=positive, default=200, help="test samples in the sweep (its "
                    "grid^3 + L configurations cost minutes per 100 samples on a CPU)")
     p.add_argument("--ablation", action="append", default=[], help="another checkpoint (joint "
                    "fusion or last-layer loss) evaluated beside this one; repeatable")
@@ -744,10 +744,8 @@ def main(argv=None) -> int:
     try:  # every configuration error ends here: a message and exit status 1, no traceback
         if args.target is not None and not 0 < args.target <= 1:
             raise ValueError(f"--target must be in (0, 1], got {args.target}")
-        sizes = [v for v in (args.n, args.n_val, args.sweep_n, args.threads) if v is not None]
-        if min(sizes + [args.batch_size, args.n_b1, args.repeats, args.grid - 1]) < 1:
-            raise ValueError("--n, --n-val, --sweep-n, --threads, --batch-size, --n-b1, "
-                             "--repeats must be >= 1, --grid >= 2")
+        if args.grid < 2:
+            raise ValueError(f"--grid must be at least 2, got {args.grid}")
         args.device = pick_device(args.device or "")
         ExitConfig(**{"dec_criterion": "confidence", **flags})  # check the ranges before loading
         model, state = load_checkpoint(args.ckpt, args.device)
@@ -757,14 +755,14 @@ def main(argv=None) -> int:
         if len(tok) != model.cfg.vocab_size:
             raise ValueError(f"checkpoint {args.ckpt!r}: tokenizer has {len(tok)} words, the "
                              f"model {model.cfg.vocab_size}")
-        checkpoints = [(args.ckpt, model, state, *thresholds(state, flags))]
-        for path in args.ablation:  # each with its own thresholds, or the paper's
+        checkpoints = [(args.ckpt, model, state)]
+        for path in args.ablation:
             m, st = load_checkpoint(path, args.device)
             if st.get("tokenizer") != state["tokenizer"] or m.cfg.image_size != \
                     model.cfg.image_size:
                 raise ValueError(f"ablation checkpoint {path!r} does not share the main one's "
                                  f"tokenizer and image size")
-            checkpoints.append((path, m, st, *thresholds(st, flags)))
+            checkpoints.append((path, m, st))
         train = state.get("train") or {}
         args.n = args.n or train.get("test_size", 500)  # the samples train.py reported on
         args.n_val = args.n_val or train.get("val_size", 300)
@@ -785,25 +783,26 @@ def main(argv=None) -> int:
     result = {"checkpoint": args.ckpt, "device": args.device, "settings": vars(args),
               "thresholds_from": {}}
     t0 = time.perf_counter()
-    for i, (path, m, st, exits, source) in enumerate(checkpoints):
+    every = []  # per checkpoint, task -> ExitConfig: its own thresholds, else the paper's
+    for path, m, st in checkpoints:
         if args.calibrate:  # each checkpoint gets its own thresholds, stored in it
             found = calibrate(m, val_set, tok, args.device, args.target, args.batch_size,
                               args.n_val, base)
-            st = {**st, "exits": {t: asdict(e) for t, e in found.items()}}
+            st["exits"] = {t: asdict(e) for t, e in found.items()}
             save_checkpoint(path, m, **{k: v for k, v in st.items() if k != "model"})
             print(f"stored the thresholds in {path}")
-            exits, source = thresholds(st, {})  # --img/--txt/--dec are ignored
-            checkpoints[i] = (path, m, st, exits, source)
+        exits, source = thresholds(st, {} if args.calibrate else flags)  # --img... ignored then
+        every.append(exits)
         result["thresholds_from"][path] = {t: source[t] for t in tasks}
         print(f"thresholds of {path}: " + ", ".join(
             f"{t} {_thr(asdict(exits[t]))} from {source[t]}" for t in tasks) + (
             f"; the flags set {flags}" if flags and not args.calibrate else ""))
-    _, _, _, exits, _ = checkpoints[0]
+    exits = every[0]
     result["exits"] = {t: asdict(e) for t, e in exits.items()}
     rows = compare(model, test_set, tok, args.device, exits, args.batch_size,
                    not args.no_timing, args.n, args.n_b1, args.repeats,
-                   ablations=[(ablation_label(m.cfg, p), m, ab) for p, m, _, ab, _
-                              in checkpoints[1:]])
+                   ablations=[(ablation_label(m.cfg, p), m, ab) for (p, m, _), ab
+                              in zip(checkpoints[1:], every[1:], strict=True)])
     result["rows"] = rows
     print(format_table(rows))
     if args.sweep:

@@ -418,6 +418,14 @@ def test_each_checkpoint_and_task_says_where_its_thresholds_come_from(ckpt, tmp_
         assert mue[(task, "other.pt: MuE")] == asdict(ev.PAPER_EXITS[task])
 
 
+def test_counts_below_one_are_usage_errors(capsys):
+    for flag in ("--n", "--n-val", "--batch-size", "--n-b1", "--repeats", "--threads", "--sweep-n"):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--ckpt", "x.pt", flag, "0"])
+        assert e.value.code == 2 and f"{flag}: must be at least 1" in capsys.readouterr().err
+    assert ev.main(["--ckpt", "x.pt", "--grid", "1"]) == 1
+
+
 def test_device_cuda_without_a_gpu_is_one_line(ckpt, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ev.main(["--ckpt", str(ckpt), "--device", "cuda"]) == 1
