@@ -146,6 +146,9 @@ def _boolean(text):
 
 
 def check_train_config(t: TrainConfig):
+    if t.preset not in PRESETS:  # a checkpoint records the preset it ran, never "auto"
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} (parse_args resolves auto), "
+                         f"got {t.preset!r}")
     if t.data not in ("shapes", "coco", "snli_ve"):
         raise ValueError(f"--data must be shapes, coco or snli_ve, got {t.data!r}")
     if t.data != "shapes" and not (t.ann and t.images):
@@ -283,6 +286,7 @@ def preset_reason(tcfg, given) -> str:
 
 def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
     """The whole run. Returns the loss history (one value per step, averaged over ranks)."""
+    check_train_config(tcfg)
     rank, world, device = setup_distributed(tcfg)
     master = rank == 0
     if tcfg.batch_size % world:
