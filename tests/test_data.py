@@ -261,6 +261,14 @@ def test_settings_the_world_cannot_serve_are_refused_at_construction(kwargs, mes
         ShapesDataset("train", **kwargs)
 
 
+def test_a_caption_too_long_is_a_value_error_not_an_assert():  # python -O drops asserts
+    kinds, cells = product(SHAPE_WORDS, COLOUR_WORDS[:2]), product(range(3), range(2))
+    objs = tuple(data.Obj(s, c, "small", r, k)
+                 for (s, c), (r, k) in zip(kinds, cells, strict=True))
+    with pytest.raises(ValueError, match="caption too long"):  # six different objects: 23 words
+        data.captions(data.Scene(objs, None))
+
+
 @pytest.mark.parametrize("max_objects, grid", [(2, 2), (3, 2), (4, 3), (4, 4)])
 @pytest.mark.parametrize("p_box", [0.0, 0.99, 1.0])
 def test_every_allowed_setting_draws_samples(max_objects, grid, p_box):
