@@ -36,6 +36,7 @@ belongs to the requested split. So train, val and test never share a scene.
     python data.py --task ve --n 16 --out out/ve.png
 """
 
+import argparse
 import json
 import os
 import random
@@ -125,11 +126,11 @@ ATTRS = {"size": SIZES, "colour": tuple(COLOURS), "shape": SHAPES}
 # "a is <relation> b" when sign * (a.axis - b.axis) > 0: strictly another column / row of the grid
 RELATIONS = {"left of": ("col", -1), "right of": ("col", 1), "above": ("row", -1),
              "below": ("row", 1)}
-NUMBERS = ("", "a", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUMBERS = ("", "a", "two", "three", "four")  # a count never exceeds max_objects (at most 4)
 KINDS = ("attribute", "object", "count", "relation")
 LABELS = ("yes", "no", "maybe")  # entailment, contradiction, neutral
 SPLIT_SIZES = {"train": 100_000, "val": 500, "test": 500}  # drawn on the fly: big train is free
-MAX_CAPTION_WORDS = 16
+MAX_CAPTION_WORDS = 16  # bounds max_objects: n different objects take 4n - 1 words
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,8 @@ def captions(scene: Scene) -> list[str]:
         (r0, _, a, _), (r1, _, b, _) = items
         refs.append(f"a {a} {'above' if r0 < r1 else 'left of'} a {b}")
     refs = [r for r in dict.fromkeys(refs) if len(r.split()) <= MAX_CAPTION_WORDS]
-    assert refs and refs[0] == brief, f"caption too long: {brief!r} (fewer objects, please)"
+    if not refs or refs[0] != brief:  # not an assert: python -O must not let it through
+        raise ValueError(f"caption too long: {brief!r} (fewer objects, please)")
     return refs
 
 
@@ -300,8 +302,11 @@ class ShapesDataset(Dataset):
     costs nothing. task="multi" alternates caption (even i) and ve (odd i). VE labels cycle
     yes / no / maybe and kinds every three VE samples, so both are balanced over any long range.
     spec(i) / scene(i) give the texts and the scene without drawing pixels (for checks and stats).
-    p_box: chance of a box, forced for "maybe". clutter: at most this many strokes. noise: pixel
-    std on the [0, 1] scale. Defaults keep 1,000 samples under 2 s on one core."""
+    p_box: chance of a box, forced for "maybe"; a label that no scene with a box can carry ("no"
+    to "there is a red shape", or a count of two with max_objects=2) falls back to a scene
+    without one after 50 draws, so any p_box in [0, 1] works. clutter: at most this many
+    strokes. noise: pixel std on the [0, 1] scale. Settings the world cannot serve are refused
+    here, not at sample 1000. Defaults keep 1,000 samples under 2 s on one core."""
 
     def __init__(self, split="train", task="multi", size=None, seed=0, image_size=64,
                  max_objects=4, p_box=0.5, clutter=3, noise=0.03, grid=3):
@@ -310,7 +315,18 @@ class ShapesDataset(Dataset):
         if task not in ("multi", "caption", "ve"):
             raise ValueError(f"task must be multi, caption or ve: {task!r}")
         if not (2 <= max_objects < grid * grid):
-            raise ValueError("need room for an object and a box")
+            raise ValueError(f"max_objects={max_objects}: need 2 <= max_objects < grid * grid "
+                             f"= {grid * grid} (room for an object and a box)")
+        if 4 * max_objects - 1 > MAX_CAPTION_WORDS:
+            raise ValueError(f"max_objects={max_objects}: captions would reach "
+                             f"{4 * max_objects - 1} words, over MAX_CAPTION_WORDS = "
+                             f"{MAX_CAPTION_WORDS}; at most {(MAX_CAPTION_WORDS + 1) // 4}")
+        if not (0 <= p_box <= 1 and noise >= 0 and isinstance(clutter, int) and clutter >= 0):
+            raise ValueError(f"need p_box in [0, 1], noise >= 0, an integer clutter >= 0; got "
+                             f"p_box={p_box!r}, noise={noise!r}, clutter={clutter!r}")
+        if not (isinstance(image_size, int) and image_size >= 1 and (size or 0) >= 0):
+            raise ValueError(f"need an integer image_size >= 1 and size >= 0; got "
+                             f"image_size={image_size!r}, size={size!r}")
         self.split, self.task, self.seed, self.image_size = split, task, seed, image_size
         self.size = SPLIT_SIZES[split] if size is None else size
         self.max_objects, self.p_box, self.grid = max_objects, p_box, grid
@@ -342,8 +358,9 @@ class ShapesDataset(Dataset):
             return Spec(scene, task, "caption", CAPTION_PROMPT, refs[0], refs)
         j = i // 2 if self.task == "multi" else i  # index among the VE samples
         label, kind = LABELS[j % 3], KINDS[j // 3 % len(KINDS)]
-        for _ in range(200):  # some scenes admit no claim with this label (e.g. "no" with a box)
-            scene = self._scene(rnd, box=label == "maybe" or rnd.random() < self.p_box)
+        for attempt in range(200):  # some scenes admit no claim with this label ("no" with a box)
+            box = label == "maybe" or (attempt < 50 and rnd.random() < self.p_box)
+            scene = self._scene(rnd, box)
             for _ in range(30):
                 claim = _propose(rnd, kind, scene.objects)
                 if _label(claim, scene) == label:
@@ -361,10 +378,18 @@ class ShapesDataset(Dataset):
         return Sample(image, sp.src, sp.tgt, sp.refs, sp.task, sp.src if sp.task == "ve" else "")
 
 
+def shapes_max_tokens() -> tuple[int, int]:
+    """The longest prompt, and the longest target with eos, that the shapes grammar writes, in
+    tokens: a VE prompt around a relation of two three-word descriptions, and a caption of
+    MAX_CAPTION_WORDS words. MuEConfig's max_src_len / max_tgt_len must hold them."""
+    longest = VE_PROMPT.format("a large yellow triangle is right of a small green circle")
+    return len(_TOKEN.findall(longest)), MAX_CAPTION_WORDS + 1
+
+
 def shapes_tokenizer() -> Tokenizer:
     """Every word the shapes grammar can produce, alphabetically (a fixed, seed-free vocabulary)."""
-    words = {w for t in (CAPTION_PROMPT, VE_PROMPT, "there is are at least and of box shape shapes")
-             for w in _TOKEN.findall(t)}
+    grammar = "there is are at least and of box shape shapes"
+    words = {w for t in (CAPTION_PROMPT, VE_PROMPT.format(""), grammar) for w in _TOKEN.findall(t)}
     words |= set(SIZES) | set(COLOURS) | set(LABELS) | set(NUMBERS[1:])
     words |= set(SHAPES) | {s + "s" for s in SHAPES} | {w for r in RELATIONS for w in r.split()}
     return Tokenizer(SPECIALS + sorted(words))
@@ -602,25 +627,42 @@ def difficulty(ds: ShapesDataset, n: int) -> dict[str, Counter]:
     return c
 
 
-def main():
-    import argparse
-    import textwrap
+def positive(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return int(text)
 
+
+def parser():
     p = argparse.ArgumentParser(description="Draw shapes samples and their texts; print the mix.")
-    p.add_argument("--out", default="out/shapes_samples.png", help="PNG path")
-    p.add_argument("--n", type=int, default=16, help="samples in the grid")
+    p.add_argument("--out", default="out/shapes_samples.png",
+                   help="PNG path, or a folder (ends with /, exists, or has no extension) for "
+                        "shapes_samples.png")
+    p.add_argument("--n", type=positive, default=16, help="samples in the grid")
     p.add_argument("--split", default="train", choices=tuple(SPLIT_SIZES))
     p.add_argument("--task", default="multi", choices=("multi", "caption", "ve"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--stats", type=int, default=3000, help="samples to measure the mix on")
-    args = p.parse_args()
+    p.add_argument("--image-size", type=positive, default=64)
+    p.add_argument("--stats", type=positive, default=3000, help="samples to measure the mix on "
+                   "(drawn on the fly: more than the split's nominal size is fine)")
+    return p
+
+
+def main(argv=None):
+    import textwrap
+
+    args = parser().parse_args(argv)
+    out = args.out
+    if out.endswith(("/", os.sep)) or os.path.isdir(out) or not os.path.splitext(out)[1]:
+        out = os.path.join(out, "shapes_samples.png")  # not a hidden out/.png
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ds = ShapesDataset(args.split, args.task, seed=args.seed, image_size=args.image_size)
+    # sized for the request: val and test are 500 by default, but any index can be drawn
+    ds = ShapesDataset(args.split, args.task, size=max(args.n, args.stats), seed=args.seed,
+                       image_size=args.image_size)
     cols = 4
     rows = -(-args.n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 4.3 * rows), squeeze=False)
@@ -635,9 +677,9 @@ def main():
         ax.text(0.5, -0.03, "\n".join(textwrap.fill(t, 44) for t in lines), transform=ax.transAxes,
                 ha="center", va="top", fontsize=7, family="monospace")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}\nthe mix over the first {args.stats} {args.split} samples:")
     for name, counter in difficulty(ds, args.stats).items():
         total = sum(counter.values())
         shares = (f"{k} {100 * v / total:.1f}%" for k, v in sorted(counter.items()))

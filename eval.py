@@ -13,9 +13,10 @@ time shows up as a ratio below 1.
     python eval.py --ckpt out/ckpt.pt --sweep                     # threshold grid, trade-off PNG
     python eval.py --ckpt out/ckpt.pt --ablation out/joint.pt --ablation out/last.pt
 
-Writes under --out: profiles.png (the paper's Fig. 3: each layer's cosine to the one below it),
-exits.png (where the image, the text and each generated word exited), words.png (a few captions,
-word by layer) and, with --sweep, sweep.png. --json PATH gets every number of the tables.
+Writes under --out, by default the checkpoint's folder: profiles.png (the paper's Fig. 3: each
+layer's cosine to the one below it), exits.png (where the image, the text and each generated word
+exited), words.png (a few captions, word by layer) and, with --sweep, sweep.png. --json PATH gets
+every number of the tables.
 """
 
 import argparse
@@ -34,7 +35,7 @@ import torch.nn as nn
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from data import Tokenizer, collate, load_split
+from data import Tokenizer, collate, load_split, positive
 from mue import ExitConfig, load_checkpoint, save_checkpoint
 
 # Thresholds (image / text / decoder) of the authors' scripts, used when a checkpoint carries no
@@ -304,6 +305,10 @@ def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log) ->
     never = {f: 1.0 for f in KNOB_FIELDS.values()}
     full = run_configs([("full", model, None)], td.batches, tok, td.max_new)[0]
     q_full = quality(task, full.preds, full.refs)["quality"]
+    if q_full <= 0:  # every exit keeps "100%" of nothing: the search would pick the most drastic
+        log(f"calibrate {task} | warning: the full model scores 0 on {len(td.samples)} val "
+            f"samples: the task was not learned, so nothing can be calibrated; every layer runs")
+        return replace(base, **never)
     need, seen = target * q_full, {}
 
     def trial(fields_):  # -> (quality, FLOP-weighted saving) of these thresholds, others at 1
@@ -339,7 +344,7 @@ def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log) ->
         q, saving = q_full, 0.0  # nothing passes together: the full model
     ex = replace(base, **{**never, **chosen})
     log(f"calibrate {task} | full {q_full:.1f} | chosen {_thr(asdict(ex))} -> {q:.1f} "
-        f"({_pct(q / q_full if q_full else None)}% kept, {-100 * saving:+.1f}% FLOPs) on "
+        f"({_pct(q / q_full)}% kept, {-100 * saving:+.1f}% FLOPs) on "
         f"{len(td.samples)} val samples, {len(seen) + 1} runs | {time.perf_counter() - t0:.1f} s")
     return ex
 
@@ -361,7 +366,8 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
             n_b1=8, repeats=3, shallow=(2 / 3, 1 / 2), ablations=(), log=print) -> list[dict]:
     """Rows, one per configuration x task: the full model, MuE with `exits` (task -> ExitConfig;
     a task without one gets PAPER_EXITS), its decoder-only and encoder-only halves, static
-    shallow models, and for each ablation (label, model, exits) its full model and its MuE.
+    shallow models, and for each ablation (label, model, exits) its full model and its MuE
+    (with the ablation's own exits, else PAPER_EXITS: never the main model's).
     Quality, retention and the reductions use all n samples (untimed). With timing, each
     configuration is timed against the full model, interleaved (see run_configs), at batch size
     32 on the first batch and at batch size 1 on the first n_b1 samples (after a warm-up), each
@@ -382,7 +388,8 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
                    ("MuE encoder exits only", model, replace(ex, dec_threshold=1.0)),
                    *[(name, m, None) for name, m in shallows]]
         for label, m, ab_exits in ablations:
-            configs += [(f"{label}: full", m, None), (f"{label}: MuE", m, ab_exits.get(task, ex))]
+            configs += [(f"{label}: full", m, None),
+                        (f"{label}: MuE", m, ab_exits.get(task) or PAPER_EXITS[task])]
         runs = run_configs(configs, td.batches, tok, td.max_new)  # quality; warms up b32
         timed = {}
         if timing:  # b32: the first batch again; b1: the first n_b1 samples, one by one
@@ -480,7 +487,12 @@ def sweep(model, test_set, tok, device, grid=4, n=None, batch_size=32, base=None
                 configs.append((kind, model, ex))
         configs += [(name, m, None) for name, m in
                     shallow_models(model, [k / max(depth) for k in range(1, max(depth))])]
-        runs = run_configs(configs, td.batches, tok, td.max_new)
+        log(f"sweep {task} | {len(configs)} configurations x {len(td.samples)} samples "
+            f"({base.dec_criterion}, {base.dec_schedule})")
+        runs, chunk = [], -(-len(configs) // 10)  # a progress line per tenth: it takes minutes
+        for i in range(0, len(configs), chunk):
+            runs += run_configs(configs[i:i + chunk], td.batches, tok, td.max_new)
+            log(f"sweep {task} | {len(runs)}/{len(configs)} | {time.perf_counter() - t0:.0f} s")
         q_full = quality(task, runs[0].preds, runs[0].refs)["quality"]
         task_rows = [summarize(name, task, r, runs[0], q_full, depth, e)
                      for (name, _, e), r in zip(configs, runs, strict=True)]
@@ -492,8 +504,6 @@ def sweep(model, test_set, tok, device, grid=4, n=None, batch_size=32, base=None
             r["pareto"] = bool(r["thresholds"]) and not any(
                 oq >= q and of >= f and (oq, of) != (q, f) for oq, of in points)
         rows += task_rows
-        log(f"sweep {task} | {len(configs)} configurations x {len(td.samples)} samples "
-            f"| {time.perf_counter() - t0:.1f} s")
     plot_sweep(rows, os.path.join(out, "sweep.png"))
     return rows
 
@@ -643,6 +653,15 @@ def figures(model, test_set, tok, device, exits: dict, out="out", n=64, batch_si
 # Command line.
 
 
+def pick_device(name: str) -> str:
+    """"" -> cuda if there is a GPU, else cpu. ValueError for a device this machine lacks."""
+    if name and not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} but no CUDA GPU is available")
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def datasets(args, train: dict, image_size: int):
     """(val, test) of the data the checkpoint was trained on, or as the flags say."""
     load = partial(load_split, args.data or train.get("data", "shapes"),
@@ -666,57 +685,72 @@ def ablation_label(cfg, path):
     return "no layer-wise loss" if cfg.loss_weights == "last" else os.path.basename(path)
 
 
-def main(argv=None) -> int:
+def thresholds(state, flags) -> tuple[dict, dict]:
+    """-> (task -> ExitConfig, task -> where it came from). A checkpoint's own calibrated
+    thresholds, else the paper's scripts' (never another checkpoint's), the flags over either."""
+    saved = state.get("exits") or {}
+    exits = {t: replace(ExitConfig(**saved[t]) if t in saved else e, **flags)
+             for t, e in PAPER_EXITS.items()}
+    return exits, {t: "checkpoint (calibrated)" if t in saved else
+                   "the paper's scripts (uncalibrated)" for t in PAPER_EXITS}
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda if available, else cpu")
-    p.add_argument("--out", default="out", help="folder for the PNGs")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--out", help="folder for the PNGs (default: the checkpoint's folder)")
     p.add_argument("--json", help="write every number of the tables here")
     p.add_argument("--data", choices=("shapes", "coco", "snli_ve"), help="default: the ckpt's")
     p.add_argument("--ann", help="coco: Karpathy json; snli_ve: folder or '{split}' pattern")
     p.add_argument("--images", help="image folder (coco, snli_ve)")
     p.add_argument("--seed", type=int, help="shapes seed (default: the checkpoint's)")
-    p.add_argument("--n", type=int, help="test samples, the first n of the split over all "
+    p.add_argument("--n", type=positive, help="test samples, the first n of the split over all "
                    "tasks (default: train.py's test_size, else 500)")
-    p.add_argument("--n-val", type=int, help="val samples for --calibrate (default: train.py's "
-                   "val_size, else 300)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--n-b1", type=int, default=8, help="samples timed at batch size 1, per task")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per unit (median)")
+    p.add_argument("--n-val", type=positive, help="val samples for --calibrate (default: "
+                   "train.py's val_size, else 300)")
+    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument("--n-b1", type=positive, default=8, help="samples timed at batch 1, per task")
+    p.add_argument("--repeats", type=positive, default=3, help="timed runs per unit (median)")
     p.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy machine)")
+    p.add_argument("--threads", type=positive, help="torch CPU threads (1: faster on a busy CPU)")
     p.add_argument("--img", type=float, help="image threshold, all tasks (cosine, [-1, 1])")
     p.add_argument("--txt", type=float, help="text threshold, all tasks (cosine, [-1, 1])")
     p.add_argument("--dec", type=float, help="decoder threshold, all tasks")
-    p.add_argument("--criterion", choices=("confidence", "similarity"))
-    p.add_argument("--schedule", choices=("constant", "decay"))
+    p.add_argument("--criterion", choices=("confidence", "similarity"), help="decoder signal "
+                   "(calibrate, sweep: train.py's --dec-criterion unless given)")
+    p.add_argument("--schedule", choices=("constant", "decay"), help="decoder threshold "
+                   "(calibrate, sweep: train.py's --dec-schedule unless given)")
     p.add_argument("--beta", type=float, help="decay schedule beta")
     p.add_argument("--tau", type=float, help="decay schedule tau")
     p.add_argument("--calibrate", action="store_true", help="choose thresholds on val and store "
                    "them in each checkpoint (--img/--txt/--dec are then ignored)")
-    p.add_argument("--target", type=float, default=0.99, help="quality to keep when calibrating")
+    p.add_argument("--target", type=float, help="quality to keep when calibrating (default: "
+                   "train.py's --target, else 0.99)")
     p.add_argument("--sweep", action="store_true", help="threshold grid and trade-off PNG")
     p.add_argument("--grid", type=int, default=4, help="values per knob in the sweep")
-    p.add_argument("--sweep-n", type=int, default=200, help="test samples in the sweep (its "
+    p.add_argument("--sweep-n", type=positive, default=200, help="test samples in the sweep (its "
                    "grid^3 + L configurations cost minutes per 100 samples on a CPU)")
     p.add_argument("--ablation", action="append", default=[], help="another checkpoint (joint "
                    "fusion or last-layer loss) evaluated beside this one; repeatable")
     p.add_argument("--no-figures", action="store_true")
-    args = p.parse_args(argv)
+    return p
 
-    names = {"img": "img_threshold", "txt": "txt_threshold", "dec": "dec_threshold",
-             "criterion": "dec_criterion", "schedule": "dec_schedule", "beta": "dec_beta",
-             "tau": "dec_tau"}
-    flags = {f: getattr(args, a) for a, f in names.items() if getattr(args, a) is not None}
+
+FLAG_FIELDS = {**KNOB_FIELDS, "criterion": "dec_criterion", "schedule": "dec_schedule",
+               "beta": "dec_beta", "tau": "dec_tau"}  # eval.py's flag -> ExitConfig field
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    flags = {f: getattr(args, a) for a, f in FLAG_FIELDS.items() if getattr(args, a) is not None}
     try:  # every configuration error ends here: a message and exit status 1, no traceback
-        if not 0 < args.target <= 1:
+        if args.target is not None and not 0 < args.target <= 1:
             raise ValueError(f"--target must be in (0, 1], got {args.target}")
-        sizes = [v for v in (args.n, args.n_val, args.sweep_n) if v is not None]
-        if min(sizes + [args.batch_size, args.repeats, args.grid - 1]) < 1:
-            raise ValueError("--n, --n-val, --sweep-n, --batch-size, --repeats must be >= 1, "
-                             "--grid >= 2")
+        if args.grid < 2:
+            raise ValueError(f"--grid must be at least 2, got {args.grid}")
+        args.device = pick_device(args.device or "")
         ExitConfig(**{"dec_criterion": "confidence", **flags})  # check the ranges before loading
         model, state = load_checkpoint(args.ckpt, args.device)
         if "tokenizer" not in state:
@@ -725,54 +759,59 @@ def main(argv=None) -> int:
         if len(tok) != model.cfg.vocab_size:
             raise ValueError(f"checkpoint {args.ckpt!r}: tokenizer has {len(tok)} words, the "
                              f"model {model.cfg.vocab_size}")
-        exits = {t: ExitConfig(**e) for t, e in (state.get("exits") or {}).items()}
-        source = ("checkpoint (calibrated)" if exits else "the paper's scripts (uncalibrated)"
-                  ) + (f", overridden by {flags}" if flags else "")
-        exits = {t: replace(exits.get(t, e), **flags) for t, e in PAPER_EXITS.items()}
-        ablations = []  # (path, model, checkpoint dict, exits)
+        checkpoints = [(args.ckpt, model, state)]
         for path in args.ablation:
             m, st = load_checkpoint(path, args.device)
             if st.get("tokenizer") != state["tokenizer"] or m.cfg.image_size != \
                     model.cfg.image_size:
                 raise ValueError(f"ablation checkpoint {path!r} does not share the main one's "
                                  f"tokenizer and image size")
-            ab = {t: replace(ExitConfig(**e), **flags) for t, e in (st.get("exits") or {}).items()}
-            ablations.append((path, m, st, ab))
+            checkpoints.append((path, m, st))
         train = state.get("train") or {}
         args.n = args.n or train.get("test_size", 500)  # the samples train.py reported on
         args.n_val = args.n_val or train.get("val_size", 300)
+        args.target = args.target or train.get("target", 0.99)
+        args.out = args.out or os.path.dirname(args.ckpt) or "."  # beside the checkpoint
         val_set, test_set = datasets(args, train, model.cfg.image_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"checkpoint": args.ckpt, "device": args.device, "settings": vars(args)}
+    # The decoder's signal and schedule for --calibrate and --sweep: the flags, else train.py's.
+    base = ExitConfig(**{"dec_criterion": train.get("dec_criterion", "confidence"),
+                         "dec_schedule": train.get("dec_schedule", "constant"),
+                         **{k: v for k, v in flags.items() if not k.endswith("_threshold")}})
+    tasks = {"coco": ["caption"], "snli_ve": ["ve"]}.get(args.data or train.get("data")) or (
+        ["caption", "ve"] if train.get("task", "multi") == "multi" else [train["task"]])
+    result = {"checkpoint": args.ckpt, "device": args.device, "settings": vars(args),
+              "thresholds_from": {}}
     t0 = time.perf_counter()
-    if args.calibrate:  # each checkpoint gets its own thresholds, stored in it
-        base = ExitConfig(**{k: v for k, v in flags.items() if not k.endswith("_threshold")})
-        for i, (path, m, st, _) in enumerate([(args.ckpt, model, state, exits), *ablations]):
+    every = []  # per checkpoint, task -> ExitConfig: its own thresholds, else the paper's
+    for path, m, st in checkpoints:
+        if args.calibrate:  # each checkpoint gets its own thresholds, stored in it
             found = calibrate(m, val_set, tok, args.device, args.target, args.batch_size,
                               args.n_val, base)
-            save_checkpoint(path, m, **{**{k: v for k, v in st.items() if k != "model"},
-                                        "exits": {t: asdict(e) for t, e in found.items()}})
+            st["exits"] = {t: asdict(e) for t, e in found.items()}
+            save_checkpoint(path, m, **{k: v for k, v in st.items() if k != "model"})
             print(f"stored the thresholds in {path}")
-            if i == 0:
-                exits = found
-            else:
-                ablations[i - 1] = (path, m, st, found)
-        source = f"calibrated now on val (target {args.target})"
+        exits, source = thresholds(st, {} if args.calibrate else flags)  # --img... ignored then
+        every.append(exits)
+        result["thresholds_from"][path] = {t: source[t] for t in tasks}
+        print(f"thresholds of {path}: " + ", ".join(
+            f"{t} {_thr(asdict(exits[t]))} from {source[t]}" for t in tasks) + (
+            f"; the flags set {flags}" if flags and not args.calibrate else ""))
+    exits = every[0]
     result["exits"] = {t: asdict(e) for t, e in exits.items()}
-    print(f"thresholds from {source}: " + ", ".join(f"{t} {_thr(asdict(e))}"
-                                                     for t, e in exits.items()))
     rows = compare(model, test_set, tok, args.device, exits, args.batch_size,
                    not args.no_timing, args.n, args.n_b1, args.repeats,
-                   ablations=[(ablation_label(m.cfg, p), m, ab) for p, m, _, ab in ablations])
+                   ablations=[(ablation_label(m.cfg, p), m, ab) for (p, m, _), ab
+                              in zip(checkpoints[1:], every[1:], strict=True)])
     result["rows"] = rows
     print(format_table(rows))
     if args.sweep:
         result["sweep"] = sweep(model, test_set, tok, args.device, args.grid,
-                                min(args.n, args.sweep_n), args.batch_size, out=args.out)
+                                min(args.n, args.sweep_n), args.batch_size, base, args.out)
         shown = [r for r in result["sweep"] if r["pareto"] or r["kind"] in ("full", "static")]
         print(f"sweep: {len(result['sweep'])} points, the exits' Pareto front and references:")
         print(format_table(sorted(shown, key=lambda r: (r["task"], r["kind"] != "full",
@@ -790,4 +829,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # --calibrate writes checkpoints atomically: nothing is half-done
+        print("eval.py: interrupted", file=sys.stderr)
+        sys.exit(130)

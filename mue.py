@@ -18,7 +18,7 @@ What this file implements, by section of the paper:
 - Sec. 3.4 layer-wise task loss: every decoder layer predicts through the shared final LayerNorm
   and the tied LM head, and the loss is a weighted sum over layers.
 
-The exits follow "Semantics this project adopts" in MUE_NOTES.md: decisions per sample, strict `>`,
+The exits follow README.md's "Semantics this implementation adopts": per sample, strict `>`,
 at least one layer, rows that exited are dropped from the working set (so skipped layers cost
 nothing), and a token that exits the decoder early still leaves keys and values in every deeper
 layer's cache (CALM-style state propagation), so later tokens see a complete cache.
@@ -641,12 +641,20 @@ def save_checkpoint(path, model: MuE, **extra):
 
 def load_checkpoint(path, device="cpu"):
     """-> (model in eval mode, the checkpoint dict). ValueError says what is wrong with the file."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is a folder, not a checkpoint file (did you mean "
+                         f"{os.path.join(path, 'ckpt.pt')}?)")
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a truncated file, another format, pickled objects...
-        raise ValueError(f"checkpoint {path!r} cannot be read: {e}") from e
+    except Exception as e:  # a truncated file, report.json, pickled objects...
+        # torch's own text asks to file an issue; its useful part is the unpickler's complaint
+        text = str(e).partition("WeightsUnpickler error:")[2] or str(e) or type(e).__name__
+        first = next(line for line in text.splitlines() + [text] if line.strip()).strip()
+        first = first.split(". ")[0]  # PytorchStreamReader's goes on for four sentences
+        raise ValueError(f"{path!r} is not a checkpoint written by train.py (torch.load could "
+                         f"not read it: {first})") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise ValueError(f"checkpoint {path!r} is not a MuE checkpoint (no model and config)")
     known = {f.name for f in fields(MuEConfig)}

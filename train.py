@@ -1,7 +1,8 @@
 """Train MuE, then measure what its exits save.
 
-    python train.py                          # CPU preset on the synthetic shapes world (~10 min)
-    python train.py --preset gpu             # wider, deeper, longer: minutes on one GPU
+    python train.py                          # the gpu preset with a CUDA GPU, else the cpu one
+    python train.py --preset cpu             # the laptop run on the shapes world (~10 min)
+    python train.py --resume --out out       # continue out/ckpt.pt with its own settings
     python train.py --task ve --steps 300 --lr 5e-4 --out out/ve
     python train.py --data coco --ann dataset_coco.json --images coco/images --preset gpu
     torchrun --nproc_per_node=4 train.py --preset gpu   # DistributedDataParallel, a shard per rank
@@ -15,13 +16,17 @@ FLOP-weighted reductions, and the measured speedup. Files, written by rank 0 onl
 <out>/report.json.
 
 Every field of MuEConfig and TrainConfig is a flag of the same name (--batch-size or
---batch_size). The data order and the dropout noise of step s depend only on (seed, s), so a run
-resumed with --resume gives the losses of the uninterrupted run.
+--batch_size); a true/false field alone is a switch (--resume means --resume true). The data order
+and the dropout noise of step s depend only on (seed, s), and --resume takes every setting from
+the checkpoint except the flags given with it, so a resumed run gives the losses of the
+uninterrupted one.
 """
 
 import argparse
 import math
 import os
+import re
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -29,19 +34,21 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from eval import calibrate, compare, format_table, write_json
-from mue import MuE, MuEConfig, load_checkpoint, save_checkpoint
+from eval import calibrate, compare, format_table, pick_device, write_json
+from mue import ExitConfig, MuE, MuEConfig, load_checkpoint, save_checkpoint
 
 
 @dataclass
 class TrainConfig:
     """How to train. MuEConfig holds the model; `preset` picks defaults for both."""
 
-    preset: str = "cpu"  # "cpu": the laptop run; "gpu": wider, deeper, longer (see PRESETS)
+    preset: str = "auto"  # "cpu": the laptop run; "gpu": wider, deeper, longer (see PRESETS);
+    # "auto": gpu when a CUDA GPU is there (and --device does not say cpu), else cpu
     data: str = "shapes"  # "shapes" (built in, no download) | "coco" | "snli_ve"
     ann: str = ""  # coco: dataset_coco.json (Karpathy split); snli_ve: folder of the .jsonl files
     images: str = ""  # coco: the image folder; snli_ve: the Flickr30k image folder
@@ -51,7 +58,8 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate of AdamW
     min_lr: float = 1e-4  # where the cosine decay ends
     warmup: int = 50  # steps of linear warm-up
-    weight_decay: float = 0.05  # AdamW's, on matrices only (not on norms, biases, embeddings)
+    weight_decay: float = 0.05  # AdamW's, on linear and conv weights (not norms, biases,
+    # embeddings or positions)
     grad_clip: float = 1.0  # maximum global gradient norm
     seed: int = 0  # data order, dropout, initial weights and the synthetic world
     device: str = ""  # "" = cuda if present, else cpu
@@ -63,6 +71,9 @@ class TrainConfig:
     force: bool = False  # start over even though <out>/ckpt.pt exists (it is replaced)
     report: bool = True  # after training: calibrate the exits, compare with the full model
     target: float = 0.99  # calibration keeps at least this fraction of full-model quality
+    dec_criterion: str = "confidence"  # the report's decoder exit signal: "confidence" (max
+    # softmax) | "similarity" (hidden-state cosine, the authors' code)
+    dec_schedule: str = "constant"  # the report's decoder threshold: "constant" | "decay" (CALM)
     val_size: int = 600  # validation samples for calibration (both tasks together, shapes)
     test_size: int = 500  # test samples in the report (shapes: generated)
 
@@ -77,12 +88,13 @@ PRESETS = {
 }
 MODEL_FIELDS = {f.name for f in fields(MuEConfig)}
 DERIVED = {"vocab_size", "pad_id", "bos_id", "eos_id"}  # set from the tokenizer, not by flags
+# What --resume lets a flag change; every other setting is the checkpoint's, given or not.
 KEEP_ON_RESUME = {"steps", "device", "workers", "log_every", "ckpt_every", "out", "resume",
-                  "force", "report", "target", "val_size", "test_size"}
+                  "force", "report", "target", "val_size", "test_size", "dec_criterion",
+                  "dec_schedule"}
 
 
-def parse_args(argv=None):
-    """-> (MuEConfig, TrainConfig, names the user set). Unknown flags: argparse exits with 2."""
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in (MuEConfig, TrainConfig):
@@ -92,20 +104,37 @@ def parse_args(argv=None):
             flags = [f"--{f.name.replace('_', '-')}"] + (
                 [f"--{f.name}"] if "_" in f.name else [])
             kind = {bool: _boolean, int: int, float: float}.get(type(f.default), str)
-            p.add_argument(*flags, dest=f.name, type=kind, default=None,
+            switch = dict(nargs="?", const=True) if kind is _boolean else {}  # --resume alone
+            p.add_argument(*flags, dest=f.name, type=kind, default=None, **switch,
                            help=f"{cls.__name__}.{f.name} (default {f.default!r})")
+    return p
+
+
+def parse_args(argv=None):
+    """-> (MuEConfig, TrainConfig, names the user set). Unknown flags: argparse exits with 2."""
+    p = parser()
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    preset = args.get("preset", TrainConfig.preset)
+    if args.get("preset") == "auto":  # saying auto is not choosing one
+        del args["preset"]
+    preset = args.get("preset") or auto_preset(args.get("device", ""))
     if preset not in PRESETS:
-        p.error(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    merged = {**PRESETS[preset], **args}
+        p.error(f"--preset must be auto or one of {sorted(PRESETS)}, got {preset!r}")
+    merged = {**PRESETS[preset], **args, "preset": preset}
     try:
         mcfg = MuEConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
         tcfg = TrainConfig(**{k: v for k, v in merged.items() if k not in MODEL_FIELDS})
         check_train_config(tcfg)
+        src, tgt = data.shapes_max_tokens()
+        if tcfg.data == "shapes" and (mcfg.max_src_len < src or mcfg.max_tgt_len < tgt):
+            raise ValueError(f"the shapes texts need --max-src-len >= {src} and --max-tgt-len "
+                             f">= {tgt} (eos included); a shorter one fails mid-run")
     except ValueError as e:
         p.error(str(e))
     return mcfg, tcfg, set(args)
+
+
+def auto_preset(device: str) -> str:
+    return "gpu" if torch.cuda.is_available() and not device.startswith("cpu") else "cpu"
 
 
 def _boolean(text):
@@ -117,17 +146,25 @@ def _boolean(text):
 
 
 def check_train_config(t: TrainConfig):
+    if t.preset not in PRESETS:  # a checkpoint records the preset it ran, never "auto"
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} (parse_args resolves auto), "
+                         f"got {t.preset!r}")
     if t.data not in ("shapes", "coco", "snli_ve"):
         raise ValueError(f"--data must be shapes, coco or snli_ve, got {t.data!r}")
     if t.data != "shapes" and not (t.ann and t.images):
         raise ValueError(f"--data {t.data} needs --ann and --images (nothing is downloaded)")
     if t.task not in ("multi", "caption", "ve"):
         raise ValueError(f"--task must be multi, caption or ve, got {t.task!r}")
+    if t.device and not re.fullmatch(r"cpu|cuda(:\d+)?", t.device):  # a usage error: exit 2
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {t.device!r}")
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "val_size", "test_size"):
         if getattr(t, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    if not (t.lr > 0 and 0 <= t.min_lr <= t.lr and t.warmup >= 0 and t.grad_clip > 0):
-        raise ValueError("need lr > 0, 0 <= min-lr <= lr, warmup >= 0, grad-clip > 0")
+    if not (t.lr > 0 and 0 <= t.min_lr <= t.lr and t.warmup >= 0 and t.grad_clip > 0
+            and t.weight_decay >= 0 and t.workers >= 0):
+        raise ValueError("need lr > 0, 0 <= min-lr <= lr, warmup >= 0, grad-clip > 0, "
+                         "weight-decay >= 0, workers >= 0")
+    ExitConfig(dec_criterion=t.dec_criterion, dec_schedule=t.dec_schedule)  # names the field
     if not 0 < t.target <= 1:
         raise ValueError(f"--target must be in (0, 1], got {t.target}")
     if t.resume and t.force:
@@ -174,7 +211,7 @@ def lr_at(step, t: TrainConfig):
 
 def setup_distributed(t: TrainConfig):
     """-> (rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPUs."""
-    device = t.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(t.device)  # ValueError for cuda on a machine without
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         if device.startswith("cuda"):
@@ -190,17 +227,23 @@ def setup_distributed(t: TrainConfig):
 
 
 def make_optimizer(model, t: TrainConfig):
-    """AdamW with weight decay on matrices and convolutions only."""
+    """AdamW with weight decay on the weights of linear layers and convolutions only: norms,
+    biases, the token and type embeddings and every position (src_pos, tgt_pos, img_row,
+    img_col) are not pulled towards zero. Chosen by module, so a new embedding is safe too."""
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     decay, rest = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "emb" not in name else rest).append(p)
+    for p in model.parameters():
+        (decay if id(p) in weights else rest).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                               {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.98))
 
 
 def start(mcfg, tcfg, given, device):
     """Build or resume the model, optimizer and history. Refuses to overwrite a checkpoint that
-    the user did not ask to replace, and to resume one of another configuration."""
+    the user did not ask to replace, and to resume one of another configuration. A resumed run
+    takes every setting from the checkpoint: the preset's defaults, which parse_args filled in,
+    must not stand in for what the run was started with; only flags given in KEEP_ON_RESUME
+    change it."""
     path = os.path.join(tcfg.out, "ckpt.pt")
     if not tcfg.resume:
         if os.path.exists(path) and not tcfg.force:
@@ -208,28 +251,53 @@ def start(mcfg, tcfg, given, device):
                              f"over, or --out to write elsewhere")
         return None, mcfg, tcfg
     model, state = load_checkpoint(path, device)  # ValueError on a missing or bad file
+    unknown = set(state.get("train", {})) - {f.name for f in fields(TrainConfig)}
+    if "train" not in state or unknown:
+        raise ValueError(f"{path} has no training settings this train.py knows "
+                         f"({', '.join(sorted(unknown)) or 'none saved'}): start over with --force")
     saved_t = TrainConfig(**state["train"])
 
     def setting(m, t, name):
         return getattr(m if name in MODEL_FIELDS else t, name)
-    clash = sorted(n for n in given - KEEP_ON_RESUME - {"preset"}
+    clash = sorted(n for n in given - KEEP_ON_RESUME
                    if setting(mcfg, tcfg, n) != setting(model.cfg, saved_t, n))
     if clash:
         raise ValueError(f"{path} was trained with other settings for {', '.join(clash)}: "
                          f"drop those flags to resume it, or start over with --force")
-    tcfg = replace(saved_t, **{n: getattr(tcfg, n) for n in KEEP_ON_RESUME})
+    tcfg = replace(saved_t, **{**{n: getattr(tcfg, n) for n in given & KEEP_ON_RESUME},
+                               "out": tcfg.out, "device": tcfg.device,  # this machine's
+                               "resume": True, "force": False})
     if state["step"] >= tcfg.steps:
-        raise ValueError(f"{path} is already at step {state['step']} of --steps {tcfg.steps}")
+        raise ValueError(f"{path} is already at step {state['step']} of --steps {tcfg.steps} "
+                         f"(a larger --steps trains it further)")
     return state, model.cfg, tcfg
+
+
+def preset_reason(tcfg, given) -> str:
+    if tcfg.resume:
+        return "the checkpoint's"
+    if "preset" in given:
+        return "--preset"
+    if tcfg.preset == "gpu":
+        return "CUDA GPU found; --preset cpu for the small run"
+    return ("--device cpu" if torch.cuda.is_available() else "no CUDA GPU found"
+            ) + "; --preset gpu to force"
 
 
 def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
     """The whole run. Returns the loss history (one value per step, averaged over ranks)."""
+    check_train_config(tcfg)
     rank, world, device = setup_distributed(tcfg)
     master = rank == 0
     if tcfg.batch_size % world:
         raise ValueError(f"--batch-size {tcfg.batch_size} does not split over {world} ranks")
     state, mcfg, tcfg = start(mcfg, tcfg, given, device)
+    if master:  # the first line: which preset, and why
+        print(f"preset {tcfg.preset} ({preset_reason(tcfg, given)})", flush=True)
+        if tcfg.preset == "gpu" and device.type != "cuda":
+            print("train.py: warning: the gpu preset without a CUDA GPU: its defaults take hours "
+                  "on a CPU (the eta at step 1 tells; --preset cpu is the short run)",
+                  file=sys.stderr, flush=True)
     tok = None if state is None else data.Tokenizer.from_state_dict(state["tokenizer"])
     train_set, val_set, test_set, tok = datasets(tcfg, mcfg.image_size, tok)
     mcfg = replace(mcfg, vocab_size=len(tok), pad_id=tok.pad_id, bos_id=tok.bos_id,
@@ -237,23 +305,28 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
     torch.manual_seed(tcfg.seed)
     model = MuE(mcfg).to(device)
     optimizer = make_optimizer(model, tcfg)
-    step, losses = 0, []
+    step, losses, saved_at = 0, [], None  # saved_at: the step of the checkpoint on disk
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, losses = state["step"], list(state["losses"])
+        saved_at = step
     net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    path = os.path.join(tcfg.out, "ckpt.pt")
+
     def checkpoint(extra=None):
+        nonlocal saved_at
         if master:
-            save_checkpoint(os.path.join(tcfg.out, "ckpt.pt"), model, tokenizer=tok.state_dict(),
-                            step=step, losses=losses, train=asdict(tcfg),
-                            optimizer=optimizer.state_dict(), **(extra or {}))
+            save_checkpoint(path, model, tokenizer=tok.state_dict(), step=step, losses=losses,
+                            train=asdict(tcfg), optimizer=optimizer.state_dict(), **(extra or {}))
+        saved_at = step
 
     per_rank = tcfg.batch_size // world
+    workers = min(tcfg.workers, os.cpu_count() or 1)  # the gpu preset's 6 on a 2-core laptop
     batches = DataLoader(
-        train_set, num_workers=tcfg.workers, pin_memory=device.type == "cuda",
+        train_set, num_workers=workers, pin_memory=device.type == "cuda",
         collate_fn=partial(data.collate, tok=tok, max_src_len=mcfg.max_src_len,
                            max_tgt_len=mcfg.max_tgt_len),
         batch_sampler=[step_indices(s, len(train_set), tcfg.batch_size, tcfg.seed)
@@ -262,47 +335,60 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
         n_params = sum(p.numel() for p in model.parameters())
         print(f"MuE {n_params / 1e6:.2f}M parameters | {mcfg.n_enc_layers}+{mcfg.n_dec_layers} "
               f"layers, d={mcfg.d_model} | {tcfg.data}/{tcfg.task} | {world} x {device} | "
-              f"steps {step}->{tcfg.steps}, batch {tcfg.batch_size}")
+              f"steps {step}->{tcfg.steps}, batch {tcfg.batch_size}, {workers} data workers")
     model.train()
     t0, first = time.time(), step
-    for batch in batches:
-        batch = batch.to(device)
-        torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)  # dropout noise of step s
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tcfg)
-        with autocast:
-            _, loss = net(batch.images, batch.src, batch.tgt_in, batch.targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        value = loss.detach().float()
-        if world > 1:
-            dist.all_reduce(value)
-            value /= world
-        value = value.item()  # one host sync per step: a NaN must stop the run before it lands
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"loss is {value} at step {step}: stopped; the last good checkpoint is kept "
-                f"(lower --lr or --grad-clip, then --resume)")
-        optimizer.step()
-        losses.append(value)
-        step += 1
-        if master and (step % tcfg.log_every == 0 or step == tcfg.steps):
-            dt = (time.time() - t0) / (step - first)
-            recent = losses[-min(len(losses), tcfg.log_every):]
-            print(f"step {step}/{tcfg.steps} | loss {sum(recent) / len(recent):.4f} | "
-                  f"lr {lr_at(step - 1, tcfg):.1e} | {1000 * dt:.0f} ms | "
-                  f"{tcfg.batch_size / dt:.0f} samples/s | eta {_clock(dt * (tcfg.steps - step))}",
-                  flush=True)
-        if step % tcfg.ckpt_every == 0 and step < tcfg.steps:
-            checkpoint()
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)  # dropout of step s
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, tcfg)
+            with autocast:
+                _, loss = net(batch.images, batch.src, batch.tgt_in, batch.targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            value = loss.detach().float()
+            if world > 1:
+                dist.all_reduce(value)
+                value /= world
+            value = value.item()  # one host sync a step: a NaN must stop the run before it lands
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"loss is {value} at step {step}: stopped; the last good checkpoint is kept "
+                    f"(lower --lr or --grad-clip, then --resume)")
+            optimizer.step()
+            losses.append(value)
+            step += 1
+            if master and (step == first + 1 or step % tcfg.log_every == 0
+                           or step == tcfg.steps):  # step 1 at once: a slow run shows it early
+                dt = (time.time() - t0) / (step - first)
+                recent = losses[-min(len(losses), tcfg.log_every):]
+                print(f"step {step}/{tcfg.steps} | loss {sum(recent) / len(recent):.4f} | "
+                      f"lr {lr_at(step - 1, tcfg):.1e} | {1000 * dt:.0f} ms | "
+                      f"{tcfg.batch_size / dt:.0f} samples/s | "
+                      f"eta {_clock(dt * (tcfg.steps - step))}", flush=True)
+            if step % tcfg.ckpt_every == 0 and step < tcfg.steps:
+                checkpoint()
+    except KeyboardInterrupt:  # the checkpoint on disk is whole (written atomically): say so
+        how = (f"the last checkpoint (step {saved_at}) is in {path}: continue with "
+               f"python train.py --resume --out {shlex.quote(tcfg.out)}" if saved_at is not None
+               else f"nothing of this run was saved (its first checkpoint: step "
+                    f"{min(tcfg.ckpt_every, tcfg.steps)})")
+        raise KeyboardInterrupt(f"interrupted at step {step}; {how}") from None
     train_time = time.time() - t0
     checkpoint()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     if master and tcfg.report:
-        report(model, tok, val_set, test_set, tcfg, device, losses, train_time, checkpoint)
+        try:
+            report(model, tok, val_set, test_set, tcfg, device, losses, train_time, checkpoint)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                f"interrupted during the report; training is complete in {path}, and "
+                f"python eval.py --ckpt {shlex.quote(path)} --calibrate reports on it") from None
     return losses
 
 
@@ -310,7 +396,8 @@ def report(model, tok, val_set, test_set, tcfg, device, losses, train_time, chec
     """Calibrate the exits on val, keep them in the checkpoint, compare on test, write the JSON."""
     model.eval()
     t0 = time.time()
-    exits = calibrate(model, val_set, tok, device, target=tcfg.target)
+    base = ExitConfig(dec_criterion=tcfg.dec_criterion, dec_schedule=tcfg.dec_schedule)
+    exits = calibrate(model, val_set, tok, device, target=tcfg.target, base=base)
     checkpoint({"exits": {task: asdict(ex) for task, ex in exits.items()}})
     rows = compare(model, test_set, tok, device, exits)
     print(format_table(rows))
@@ -336,6 +423,9 @@ def main(argv=None):
     except (ValueError, OSError, FloatingPointError) as e:  # a clear message, not a trace
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: what is saved and how to go on, not a trace
+        print(f"train.py: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     return 0
 
 

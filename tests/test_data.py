@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections import Counter
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +240,55 @@ def test_scenes_are_well_formed_and_splits_never_share_one():
     assert len(keys["train"]) < 2000
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_objects=5), "captions would reach 19 words"),  # "a red circle and ..." x 5
+        (dict(max_objects=8), "at most 4"),
+        (dict(max_objects=1), "need 2 <= max_objects"),
+        (dict(max_objects=4, grid=2), "need 2 <= max_objects < grid * grid = 4"),
+        (dict(p_box=1.01), "p_box in [0, 1]"),
+        (dict(p_box=-0.1), "p_box in [0, 1]"),
+        (dict(noise=-0.01), "noise >= 0"),
+        (dict(clutter=-1), "clutter >= 0"),
+        (dict(clutter=1.5), "integer clutter"),
+        (dict(image_size=0), "image_size >= 1"),
+        (dict(size=-1), "size >= 0"),
+    ],
+)
+def test_settings_the_world_cannot_serve_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ShapesDataset("train", **kwargs)
+
+
+def test_a_caption_too_long_is_a_value_error_not_an_assert():  # python -O drops asserts
+    kinds, cells = product(SHAPE_WORDS, COLOUR_WORDS[:2]), product(range(3), range(2))
+    objs = tuple(data.Obj(s, c, "small", r, k)
+                 for (s, c), (r, k) in zip(kinds, cells, strict=True))
+    with pytest.raises(ValueError, match="caption too long"):  # six different objects: 23 words
+        data.captions(data.Scene(objs, None))
+
+
+@pytest.mark.parametrize("max_objects, grid", [(2, 2), (3, 2), (4, 3), (4, 4)])
+@pytest.mark.parametrize("p_box", [0.0, 0.99, 1.0])
+def test_every_allowed_setting_draws_samples(max_objects, grid, p_box):
+    """What the constructor admits, the sampler serves: the first samples of every split and
+    task draw, captions fit, labels hold (p_box=1.0 included: a "no" to "there is ..." cannot
+    stand beside a box, so such a sample gets a scene without one)."""
+    for split, task in product(("train", "val", "test"), ("caption", "ve")):
+        ds = ShapesDataset(split, task, size=120, max_objects=max_objects, grid=grid, p_box=p_box)
+        for i in range(len(ds)):
+            sp = ds.spec(i)
+            assert 1 <= len(sp.scene.objects) + (sp.scene.box is not None) <= max_objects
+            if task == "ve":
+                assert checked_label(parse_claim(sp.src), sp.scene) == sp.tgt, (i, sp)
+            else:
+                assert len(sp.tgt.split()) <= data.MAX_CAPTION_WORDS
+    odd = ShapesDataset("val", max_objects=max_objects, grid=grid, p_box=p_box, image_size=5,
+                        clutter=0, noise=2.0)
+    assert odd[0].image.shape == (3, 5, 5) and torch.isfinite(odd[1].image).all()
+
+
 def sample_bytes(ds, idx):
     return [(ds[i].image.numpy().tobytes(), ds[i].src, ds[i].tgt, tuple(ds[i].refs)) for i in idx]
 
@@ -349,6 +399,13 @@ def test_tokenizer_basics_and_checkpoint_roundtrip(tmp_path):
 def test_shapes_tokenizer_covers_the_grammar():
     tok = shapes_tokenizer()
     assert tok.words[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"] and len(tok) < 60
+    # exactly the words the grammar produces, written out here: no "{" or "}" of the VE template
+    prompts = "what does the image describe ? \" there is are at least and of box shape shapes"
+    grammar = set(prompts.split()) | set(SHAPE_WORDS) | {s + "s" for s in SHAPE_WORDS}
+    grammar |= set(COLOUR_WORDS) | set(SIZE_WORDS) | set(NUMBER) | {"yes", "no", "maybe"}
+    grammar |= {"left", "right", "above", "below"}
+    assert set(tok.words[4:]) == grammar and len(tok.words) == len(grammar) + 4
+    longest, seen_src = data.shapes_max_tokens(), 0  # what train.py asks of max_src_len etc.
     for split, task in product(("train", "test"), ("caption", "ve")):
         ds = ShapesDataset(split, task=task, size=600, seed=4)
         for i in range(len(ds)):
@@ -356,7 +413,10 @@ def test_shapes_tokenizer_covers_the_grammar():
             for text in [sp.src, sp.tgt, *sp.refs]:
                 ids = tok.encode(text)
                 assert UNK_ID not in ids, text
+            assert len(tok.encode(sp.src)) <= longest[0] and len(tok.encode(sp.tgt)) < longest[1]
+            seen_src = max(seen_src, len(tok.encode(sp.src)))
             assert tok.decode(tok.encode(sp.tgt)) == sp.tgt
+    assert seen_src == longest[0] == 18
 
 
 # -----------------------------------------------------------------------------
@@ -435,6 +495,27 @@ def test_main_writes_a_png(tmp_path, monkeypatch, capsys):
     with Image.open(out) as im:
         assert im.size[0] > 300 and im.size[1] > 300
     assert "kind/label" in capsys.readouterr().out
+
+
+def test_main_names_folders_measures_what_is_asked_and_refuses_no_samples(
+    tmp_path, monkeypatch, capsys
+):
+    measured = []
+    real = data.difficulty
+    monkeypatch.setattr(data, "difficulty", lambda ds, n: measured.append(min(n, len(ds))) or
+                        real(ds, n))
+    (tmp_path / "there").mkdir()
+    for out in (f"{tmp_path}/new/", str(tmp_path / "there")):  # a folder gets the file name
+        data.main(["--out", out, "--n", "1", "--split", "test", "--stats", "600"])
+        assert (Path(out) / "shapes_samples.png").is_file()
+        assert "the mix over the first 600 test samples:" in capsys.readouterr().out
+    assert measured == [600, 600]  # the test split's nominal 500 is no cap: samples are drawn
+    assert not (tmp_path / "new" / ".png").exists()
+    for argv, message in ((["--n", "0"], "--n: must be at least 1, got 0"),
+                          (["--stats", "-3"], "--stats: must be at least 1")):
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------

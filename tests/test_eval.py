@@ -282,6 +282,20 @@ def test_joint_fusion_moves_both_encoder_thresholds_together(tok):
     assert set(decomposed) == {"img", "txt", "dec"}
 
 
+def test_calibration_keeps_every_layer_when_the_full_model_scores_zero(trained, tok,
+                                                                        monkeypatch):
+    """Nothing to keep a fraction of: without the guard every exit passes and the most drastic
+    thresholds win, printed as "-% kept"."""
+    monkeypatch.setattr(ev, "quality", lambda task, preds, refs: {"quality": 0.0})
+    lines = []
+    base = ExitConfig(dec_criterion="similarity")
+    exits = ev.calibrate(trained, ShapesDataset("val", "multi", image_size=32), tok, "cpu",
+                         batch_size=8, n=8, base=base, log=lines.append)
+    assert exits == {"caption": ExitConfig(1.0, 1.0, 1.0, "similarity"),
+                     "ve": ExitConfig(1.0, 1.0, 1.0, "similarity")}
+    assert len(lines) == 2 and all("the task was not learned" in line for line in lines)
+
+
 # -- command line -------------------------------------------------------------------------------
 
 
@@ -359,6 +373,67 @@ def test_command_line_end_to_end(ckpt, tmp_path, capsys):
         after["exits"][t] for t in ("caption", "ve")]
 
 
+def test_sweep_uses_the_decoder_flags_logs_progress_and_draws_beside_the_checkpoint(
+        ckpt, tmp_path, capsys):
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    ckpt.rename(run2 / "ckpt.pt")
+    assert ev.main(["--ckpt", str(run2 / "ckpt.pt"), "--sweep", "--grid", "2", "--n", "8",
+                    "--batch-size", "8", "--no-timing", "--criterion", "similarity", "--schedule",
+                    "decay", "--beta", "0.9", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    asked = {"dec_criterion": "similarity", "dec_schedule": "decay", "dec_beta": 0.9}
+    for r in result["sweep"] + result["rows"]:
+        assert r["thresholds"] is None or asked.items() <= r["thresholds"].items(), r
+    for task in ("caption", "ve"):
+        n = sum(r["task"] == task for r in result["sweep"])
+        assert f"sweep {task} | {n} configurations x 4 samples (similarity, decay)" in out
+        assert f"sweep {task} | {n}/{n} |" in out and out.count(f"sweep {task} | ") >= 5
+    assert sorted(p.name for p in run2.iterdir()) == [
+        "ckpt.pt", "exits.png", "profiles.png", "sweep.png", "words.png"]
+    assert result["figures"][0] == str(run2 / "profiles.png")
+
+
+def test_each_checkpoint_and_task_says_where_its_thresholds_come_from(ckpt, tmp_path, capsys):
+    """A checkpoint calibrated for VE only, and an uncalibrated ablation beside it: the paper's
+    thresholds stand in where nothing was calibrated, never the main checkpoint's."""
+    state = torch.load(ckpt, weights_only=True)
+    ve = ExitConfig(0.5, 0.6, 0.4)
+    torch.save({**state, "exits": {"ve": asdict(ve)}}, ckpt)
+    torch.save(state, tmp_path / "other.pt")
+    assert ev.main(["--ckpt", str(ckpt), "--ablation", str(tmp_path / "other.pt"), "--n", "8",
+                    "--no-timing", "--no-figures", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    paper = {t: ev._thr(asdict(e)) for t, e in ev.PAPER_EXITS.items()}
+    assert (f"thresholds of {ckpt}: caption {paper['caption']} from the paper's scripts "
+            f"(uncalibrated), ve 0.5/0.6/0.4 from checkpoint (calibrated)\n") in out
+    assert (f"thresholds of {tmp_path / 'other.pt'}: caption {paper['caption']} from the "
+            f"paper's scripts (uncalibrated), ve {paper['ve']} from the paper's scripts "
+            f"(uncalibrated)\n") in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["thresholds_from"][str(tmp_path / "other.pt")] == dict.fromkeys(
+        ("caption", "ve"), "the paper's scripts (uncalibrated)")
+    mue = {(r["task"], r["name"]): r["thresholds"] for r in result["rows"]}
+    assert mue[("ve", "MuE")] == asdict(ve)
+    for task in ("caption", "ve"):
+        assert mue[(task, "other.pt: MuE")] == asdict(ev.PAPER_EXITS[task])
+
+
+def test_counts_below_one_are_usage_errors(capsys):
+    for flag in ("--n", "--n-val", "--batch-size", "--n-b1", "--repeats", "--threads", "--sweep-n"):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--ckpt", "x.pt", flag, "0"])
+        assert e.value.code == 2 and f"{flag}: must be at least 1" in capsys.readouterr().err
+    assert ev.main(["--ckpt", "x.pt", "--grid", "1"]) == 1
+
+
+def test_device_cuda_without_a_gpu_is_one_line(ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ev.main(["--ckpt", str(ckpt), "--device", "cuda"]) == 1
+    assert capsys.readouterr().err == "eval.py: error: --device cuda but no CUDA GPU is available\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--img", "1.5"], "img_threshold"),
     (["--txt", "-1.01"], "txt_threshold"),
@@ -385,7 +460,13 @@ def test_bad_checkpoints_are_refused(ckpt, trained, tmp_path, capsys):
     save_checkpoint(tmp_path / "big.pt", bigger, tokenizer=state["tokenizer"])
     assert ev.main(["--ckpt", str(ckpt), "--ablation", str(tmp_path / "big.pt")]) == 1
     assert "image size" in capsys.readouterr().err
+    assert ev.main(["--ckpt", str(tmp_path)]) == 1  # a folder: which file was meant
+    assert f"did you mean {tmp_path / 'ckpt.pt'}?" in capsys.readouterr().err
+    (tmp_path / "report.json").write_text('{"rows": []}')
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "junk.pt")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "cannot be read" in proc.stderr
+    for name in ("report.json", "junk.pt"):  # one line of ours, not torch's plea to file an issue
+        proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / name)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("eval.py: error: ") and "file an issue" not in proc.stderr
+        assert "is not a checkpoint written by train.py" in proc.stderr

@@ -423,7 +423,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "bad.pt").write_bytes(good[: len(good) // 2])
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ValueError, match="not a checkpoint written by train.py"):
         load_checkpoint(tmp_path / "bad.pt")
     state = torch.load(path, weights_only=True)
     torch.save({**state, "config": {**state["config"], "d_model": 64}}, tmp_path / "other.pt")
