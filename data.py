@@ -34,12 +34,21 @@ belongs to the requested split. So train, val and test never share a scene.
 
     python data.py                       # grid of samples -> out/shapes_samples.png, difficulty mix
     python data.py --task ve --n 16 --out out/ve.png
+
+Real data, read as published: COCO captions in Karpathy's split (dataset_coco.json) and SNLI-VE
+(snli_ve_{train,dev,test}.jsonl with the Flickr30k images); see CocoCaptions and SnliVE. Before a
+long run, check the files: every image is decoded once, and each bad one is listed with the
+annotation naming it (exit status 1 if any).
+
+    python data.py --check --data snli_ve --ann snli_ve/ --images flickr30k-images/
 """
 
 import json
 import os
 import random
 import re
+import sys
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -697,11 +706,73 @@ def difficulty(ds: ShapesDataset, n: int) -> dict[str, Counter]:
     return c
 
 
-def main():
+def _decode_all(paths: list[str], workers: int, label: str) -> dict[str, str]:
+    """path -> what is wrong ("missing", or Pillow's reason) for each image that does not decode,
+    with a progress bar on stderr meanwhile. Threads suffice: Pillow decodes without the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(path):
+        if not os.path.isfile(path):
+            return "missing"
+        try:
+            read_image(path)
+        except IMAGE_ERRORS as e:
+            return _reason(e)
+        return None
+
+    bad, t0, shown, n = {}, time.time(), 0.0, len(paths)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for k, (path, why) in enumerate(zip(paths, pool.map(problem, paths), strict=True), 1):
+            if why:
+                bad[path] = why
+            if time.time() - shown > 0.5 or k == n:  # a line twice a second, and the last one
+                shown, rate = time.time(), k / max(time.time() - t0, 1e-6)
+                bar = "#" * (30 * k // n) + "." * (30 - 30 * k // n)
+                print(f"\r{label} [{bar}] {k}/{n} images, {len(bad)} bad, {rate:.0f}/s, eta "
+                      f"{(n - k) / rate:.0f} s ", end="\n" if k == n else "", file=sys.stderr,
+                      flush=True)
+    return bad
+
+
+def check(source: str, ann: str, images: str, premise: bool = True, min_count: int = MIN_COUNT,
+          workers: int = 8, log=print) -> int:
+    """python data.py --check: read the annotations of every split, open and decode each image
+    once, and report per split its samples, images and texts cut to fit train.py's limits; the
+    vocabulary train.py would build and how much of val and test it does not know; and every
+    missing or unreadable image with the annotations naming it. -> the number of bad images."""
+    sets, bad, seen = {}, {}, set()  # bad: path -> (what is wrong, the annotations naming it)
+    for split in ("train", "val", "test"):
+        ds = load_split(source, split, ann, images, premise=premise, must_exist=False,
+                        **REAL_LENGTHS[source])
+        named = {p: w for p, w in ds.images().items() if p not in seen}  # each image once
+        seen |= named.keys()
+        found = _decode_all(list(named), workers, f"{source} {split}")
+        bad.update({p: (why, named[p]) for p, why in found.items()})
+        log(f"{split}: {ds.summary()} | bad images: {len(found)}")
+        sets[split] = ds
+    tok = Tokenizer.build(sets["train"].texts(), min_count)
+    log(f"vocabulary: {len(tok)} words, the 4 specials and those seen at least {min_count} times "
+        f"in train's prompts and targets (--min-count); the others read as <unk>")
+    for split in ("val", "test"):
+        items = sets[split].items
+        p = unknown_words(tok, [it[1] for it in items])  # the prompts
+        r = unknown_words(tok, [ref for it in items for ref in it[3]])  # the references
+        log(f"{split}: unknown words: {p['unknown']} of the prompts' {p['words']} "
+            f"({100 * p['share']:.1f}%), {r['unknown']} of the references' {r['words']} "
+            f"({100 * r['share']:.1f}%)")
+    log(f"bad images: {len(bad) or 'none'}")
+    for path, (why, wheres) in bad.items():
+        more = f" and {len(wheres) - 1} more" if len(wheres) > 1 else ""
+        log(f"  {path}: {why} (named by {wheres[0]}{more})")
+    return len(bad)
+
+
+def main() -> int:
     import argparse
     import textwrap
 
-    p = argparse.ArgumentParser(description="Draw shapes samples and their texts; print the mix.")
+    p = argparse.ArgumentParser(description="Draw shapes samples and their texts; print the mix. "
+                                "With --check: check real data files before training on them.")
     p.add_argument("--out", default="out/shapes_samples.png", help="PNG path")
     p.add_argument("--n", type=int, default=16, help="samples in the grid")
     p.add_argument("--split", default="train", choices=tuple(SPLIT_SIZES))
@@ -709,7 +780,26 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--stats", type=int, default=3000, help="samples to measure the mix on")
+    p.add_argument("--check", action="store_true", help="decode every image of --data's files "
+                   "once, count samples, images and words, list bad images (exit 1 if any)")
+    p.add_argument("--data", choices=tuple(REAL_LENGTHS), help="--check: coco or snli_ve")
+    p.add_argument("--ann", help="--check: dataset_coco.json, or the folder of snli_ve_*.jsonl")
+    p.add_argument("--images", help="--check: the COCO or Flickr30k image folder")
+    p.add_argument("--premise", default="true", choices=("true", "false"),
+                   help="--check, snli_ve: the prompt reads the premise (train.py's default)")
+    p.add_argument("--min-count", type=int, default=MIN_COUNT, help="--check: as train.py's")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="--check: threads decoding images")
     args = p.parse_args()
+    if args.check:
+        if not (args.data and args.ann and args.images):
+            p.error("--check needs --data, --ann and --images")
+        try:
+            return 1 if check(args.data, args.ann, args.images, args.premise == "true",
+                              args.min_count, args.workers) else 0
+        except (ValueError, OSError) as e:  # a file that is not what it should be: one line
+            print(f"data.py: error: {e}", file=sys.stderr)
+            return 1
 
     import matplotlib
     matplotlib.use("Agg")
@@ -737,7 +827,8 @@ def main():
         total = sum(counter.values())
         shares = (f"{k} {100 * v / total:.1f}%" for k, v in sorted(counter.items()))
         print(f"{name:>16}: " + "  ".join(shares))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -653,3 +653,43 @@ def test_load_split_picks_the_source_and_caps_the_size(coco_files, snli_files):
         data.load_split("coco", "val", "", root)
     with pytest.raises(ValueError, match="split must be"):
         data.load_split("shapes", "dev")
+
+
+def test_check_lists_every_bad_image_with_its_annotation(coco_files, capsys):
+    f, log = coco_files, []
+    assert data.check("coco", str(f.ann), str(f.images), min_count=2, log=log.append) == 0
+    assert log[:3] == ["train: 10 samples, 2 images | bad images: 0",
+                       "val: 1 samples, 1 images | bad images: 0",
+                       "test: 1 samples, 1 images | bad images: 0"]
+    tok = Tokenizer.build(CocoCaptions(f.ann, f.images).texts(), min_count=2)
+    assert log[3].startswith(f"vocabulary: {len(tok)} words") and log[-1] == "bad images: none"
+    assert "coco train [" in capsys.readouterr().err  # the progress bar
+    truncate(f.jpgs[1])
+    os.remove(f.jpgs[3])
+    log.clear()
+    assert data.check("coco", str(f.ann), str(f.images), log=log.append) == 2
+    assert log[0] == "train: 10 samples, 2 images | bad images: 1"
+    assert log[-3] == "bad images: 2"
+    assert re.fullmatch(re.escape(f"  {f.jpgs[1]}: image file is truncated (") + r"\d+ bytes not "
+                        + re.escape(f"processed) (named by {f.ann}: images[1])"),
+                        log[-2])
+    assert log[-1] == f"  {f.jpgs[3]}: missing (named by {f.ann}: images[3])"
+
+
+def test_check_command_exits_1_naming_the_truncated_file(snli_files):
+    f = snli_files
+    truncate(f.jpgs["train"][1])
+    cmd = [sys.executable, "data.py", "--check", "--data", "snli_ve", "--ann", str(f.ann),
+           "--images", str(f.images), "--min-count", "1"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    out = r.stdout.splitlines()
+    assert out[:3] == ["train: 6 samples, 2 images | bad images: 1",
+                       "val: 3 samples, 1 images | bad images: 0",
+                       "test: 3 samples, 1 images | bad images: 0"]
+    assert out[3].startswith("vocabulary: ") and "of the references' 3 (0.0%)" in out[5]
+    assert out[-2] == "bad images: 1" and out[-1].startswith(
+        f"  {f.jpgs['train'][1]}: image file is truncated (")
+    assert out[-1].endswith(f"(named by {f.ann / 'snli_ve_train.jsonl'}:4 and 2 more)")
+    assert "snli_ve test [" in r.stderr  # the progress bar
