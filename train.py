@@ -46,6 +46,10 @@ class TrainConfig:
     ann: str = ""  # coco: dataset_coco.json (Karpathy split); snli_ve: folder of the .jsonl files
     images: str = ""  # coco: the image folder; snli_ve: the Flickr30k image folder
     task: str = "multi"  # shapes only: "multi" (both tasks, the default) | "caption" | "ve"
+    premise: bool = True  # snli_ve: the prompt reads the premise caption too (the authors'
+    # --add-caption); false: the hypothesis alone, the image its only premise
+    min_count: int = 6  # real data: words seen fewer times in train read as <unk> (6 keeps what
+    # the Karpathy-split preprocessing keeps; data.MIN_COUNT); shapes has its grammar's vocabulary
     steps: int = 700  # optimizer steps
     batch_size: int = 32  # samples per step, over all ranks together
     lr: float = 1e-3  # peak learning rate of AdamW
@@ -98,13 +102,17 @@ def parse_args(argv=None):
     preset = args.get("preset", TrainConfig.preset)
     if preset not in PRESETS:
         p.error(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    merged = {**PRESETS[preset], **args}
+    # real data brings its own text limits (SNLI-VE's prompts carry the premise), below the flags
+    merged = {**PRESETS[preset], **data.REAL_LENGTHS.get(args.get("data"), {}), **args}
     try:
         mcfg = MuEConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
         tcfg = TrainConfig(**{k: v for k, v in merged.items() if k not in MODEL_FIELDS})
         check_train_config(tcfg)
     except ValueError as e:
         p.error(str(e))
+    # absolute, so that eval.py finds the files from wherever it runs (they are saved in ckpt.pt)
+    tcfg = replace(tcfg, **{k: os.path.abspath(getattr(tcfg, k)) for k in ("ann", "images")
+                            if getattr(tcfg, k)})
     return mcfg, tcfg, set(args)
 
 
@@ -138,13 +146,15 @@ def check_train_config(t: TrainConfig):
 # Data: datasets for the three splits, and the batches of each step.
 
 
-def datasets(t: TrainConfig, image_size: int, tok=None):
+def datasets(t: TrainConfig, m: MuEConfig, tok=None):
     """-> train, val, test datasets and the tokenizer (from the training texts unless given)."""
-    load = partial(data.load_split, t.data, ann=t.ann, images=t.images, image_size=image_size,
-                   task=t.task, seed=t.seed)
+    load = partial(data.load_split, t.data, ann=t.ann, images=t.images, image_size=m.image_size,
+                   task=t.task, seed=t.seed, premise=t.premise, max_src_len=m.max_src_len,
+                   max_tgt_len=m.max_tgt_len)
     train, val, test = load("train"), load("val", size=t.val_size), load("test", size=t.test_size)
     if tok is None:
-        tok = data.shapes_tokenizer() if t.data == "shapes" else data.Tokenizer.build(train.texts())
+        tok = (data.shapes_tokenizer() if t.data == "shapes"
+               else data.Tokenizer.build(train.texts(), t.min_count))
     return train, val, test, tok
 
 
@@ -231,7 +241,10 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
         raise ValueError(f"--batch-size {tcfg.batch_size} does not split over {world} ranks")
     state, mcfg, tcfg = start(mcfg, tcfg, given, device)
     tok = None if state is None else data.Tokenizer.from_state_dict(state["tokenizer"])
-    train_set, val_set, test_set, tok = datasets(tcfg, mcfg.image_size, tok)
+    train_set, val_set, test_set, tok = datasets(tcfg, mcfg, tok)
+    if master and tcfg.data != "shapes":  # what was read, and what was cut to fit: never silent
+        for name, ds in (("train", train_set), ("val", val_set), ("test", test_set)):
+            print(f"{tcfg.data} {name}: {ds.summary()}")
     mcfg = replace(mcfg, vocab_size=len(tok), pad_id=tok.pad_id, bos_id=tok.bos_id,
                    eos_id=tok.eos_id)
     torch.manual_seed(tcfg.seed)
