@@ -34,6 +34,13 @@ belongs to the requested split. So train, val and test never share a scene.
 
     python data.py                       # grid of samples -> out/shapes_samples.png, difficulty mix
     python data.py --task ve --n 16 --out out/ve.png
+
+Real data, read as published: COCO captions in Karpathy's split (dataset_coco.json) and SNLI-VE
+(snli_ve_{train,dev,test}.jsonl with the Flickr30k images); see CocoCaptions and SnliVE. Before a
+long run, check the files: every image is decoded once, and each bad one is listed with the
+annotation naming it (exit status 1 if any).
+
+    python data.py --check --data snli_ve --ann snli_ve/ --images flickr30k-images/
 """
 
 import argparse
@@ -41,6 +48,8 @@ import json
 import os
 import random
 import re
+import sys
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -396,7 +405,41 @@ def shapes_tokenizer() -> Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# real data: COCO captions (Karpathy split) and SNLI-VE, from files already on disk
+# real data: COCO captions (Karpathy split) and SNLI-VE, from the files as they are published
+
+VE_PREMISE_PROMPT = 'can image and text1 " {} " imply text2 " {} "?'  # OFA's --add-caption
+# Text limits (MuEConfig.max_src_len, max_tgt_len) that train.py defaults to for each source. The
+# authors' SNLI-VE script reads up to 80 source tokens, premise included; since the decoder reads
+# the prompt again as its prefix (prev_output), its limit is the prompt's, plus bos and the answer.
+REAL_LENGTHS = {"coco": {"max_src_len": 32, "max_tgt_len": 32},
+                "snli_ve": {"max_src_len": 80, "max_tgt_len": 82}}
+# Real data: words seen fewer times in the training texts read as <unk>. The Karpathy-split
+# preprocessing everyone uses (neuraltalk2's prepro.py, word_count_threshold 5) keeps the words
+# seen more than 5 times, i.e. at least 6.
+MIN_COUNT = 6
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # Pillow's
+
+
+class BadImage(ValueError):
+    """An image that cannot be read, said in one line: the file, the annotation naming it, and
+    Pillow's reason. Raised in a DataLoader worker, it reaches the main process rebuilt from one
+    string, the worker's whole traceback (torch's ExceptionWrapper.reraise), whose last line is
+    "data.BadImage: <our line>": only that line is kept, so the user reads one line, not a trace."""
+
+    def __init__(self, message: str):
+        super().__init__(message.rstrip().splitlines()[-1].split("BadImage: ", 1)[-1])
+
+
+def read_image(path: str) -> Image.Image:
+    """Open and decode the whole file, as RGB (grayscale and CMYK files are converted). Pillow
+    opens lazily, so only decoding finds a truncated file. OFA lets Pillow pad those with gray
+    (ImageFile.LOAD_TRUNCATED_IMAGES); we refuse them: a cut file is a broken download."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _reason(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__  # one line, whatever Pillow says
 
 
 def _transform(image_size: int):
@@ -408,30 +451,69 @@ def _transform(image_size: int):
                                antialias=True), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-def _load_image(path: str, tf, where: str) -> torch.Tensor:
-    try:  # Pillow raises OSError (incl. UnidentifiedImageError) or SyntaxError on bad files
-        with Image.open(path) as im:
-            return tf(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise RuntimeError(f"cannot read image {path} ({where}): {e}") from e
+class AnnotatedImages(Dataset):
+    """Samples named by annotation files, their images read from a folder when a sample is asked
+    for. items: (image path, prompt, target, references, where), `where` naming the annotation
+    (file and line, or entry) in every message about the sample. `cut` counts the texts shortened
+    to fit the model's limits (`cut_note` says which and to what)."""
+
+    task = ""  # "caption" or "ve"
+
+    def _finish(self, ann_path, image_size, must_exist):
+        """Called last by __init__: the transform, and no run starts without its images (a
+        missing file found hours in would cost the run; data.py --check lists them all)."""
+        self.tf = _transform(image_size)
+        named = self.images()
+        missing = [(p, w[0]) for p, w in named.items() if must_exist and not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(named)} images named by {ann_path} "
+                                    f"are missing, first {missing[0][0]} ({missing[0][1]})")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i) -> Sample:
+        path, src, tgt, refs, where = self.items[i]
+        try:
+            image = self.tf(read_image(path))
+        except IMAGE_ERRORS as e:
+            raise BadImage(f"cannot read image {path} (named by {where}): {_reason(e)}") from e
+        return Sample(image, src, tgt, refs, self.task, src if self.task == "ve" else "")
+
+    def texts(self) -> list[str]:
+        """Every prompt and target, as often as the model reads them: what a Tokenizer is built
+        from, without decoding any image."""
+        return [t for _, src, tgt, _, _ in self.items for t in (src, tgt)]
+
+    def images(self) -> dict[str, list[str]]:
+        """Image path -> the annotations naming it, in file order."""
+        out = {}
+        for path, *_, where in self.items:
+            out.setdefault(path, {})[where] = None  # a COCO entry names its image once per caption
+        return {path: list(wheres) for path, wheres in out.items()}
+
+    def summary(self) -> str:
+        cut = f"; {self.cut} {self.cut_note}" if self.cut else ""
+        return f"{len(self.items)} samples, {len(self.images())} images{cut}"
 
 
-def _missing(found: list[tuple[str, str]], what: str):
-    """found: (path, where) pairs; raise once, with a count, if any path is not a file."""
-    missing = [(p, w) for p, w in found if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(found)} {what} images are missing, "
-                                f"first {missing[0][0]} ({missing[0][1]})")
+class CocoCaptions(AnnotatedImages):
+    """COCO captions in Karpathy's split: dataset_coco.json as published with neuraltalk2,
+    {"images": [{"filepath": "val2014", "sentids": [770337, ...], "filename":
+    "COCO_val2014_000000391895.jpg", "imgid": 0, "split": "test", "sentences": [{"tokens": ["a",
+    "man", ...], "raw": "A man with ...", "imgid": 0, "sentid": 770337}, ...], "cocoid": 391895},
+    ...], "dataset": "coco"}; images at <image_dir>/<filepath>/<filename> or <image_dir>/<filename>.
 
+    split "train" also takes "restval", as everyone does (113,287 images; val and test 5,000
+    each). Train gives one sample per caption (all five are training signal); val and test one
+    per image, its first caption the target. Every caption of the image is a reference, never
+    cut. Captions are the tokens (raw when there are none), cleaned like OFA's. A target longer
+    than max_target words keeps its first max_target, as OFA's pre_caption does."""
 
-class CocoCaptions(Dataset):
-    """COCO in Karpathy's format: dataset_coco.json (images[].filepath, filename, split,
-    sentences[].tokens / raw) and a folder with <filepath>/<filename> (or flat <filename>).
-    split="train" also takes "restval", as everyone does. Train gives one sample per caption (all
-    five are training signal); val / test one per image, target the first caption. Every caption of
-    the image is a reference. Captions are cleaned like OFA's (lower case, no punctuation)."""
+    task = "caption"
 
-    def __init__(self, ann_path, image_dir, split="train", image_size=64):
+    def __init__(self, ann_path, image_dir, split="train", image_size=64, max_target=31,
+                 size=None, must_exist=True):
         wanted = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
         if split not in wanted:
             raise ValueError(f"split must be train, val or test, got {split!r}")
@@ -442,8 +524,11 @@ class CocoCaptions(Dataset):
             raise ValueError(f"{ann_path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(ann, dict) or not isinstance(ann.get("images"), list):
             raise ValueError(f"{ann_path}: expected a top-level 'images' list (Karpathy format)")
-        self.items, found = [], []  # items: (image path, target, refs, where)
+        self.items, self.cut = [], 0
+        self.cut_note = f"target captions cut to {max_target} words"
         for k, im in enumerate(ann["images"]):
+            if size is not None and len(self.items) >= size:
+                break
             where = f"{ann_path}: images[{k}]"
             try:
                 sp, name = im["split"], im["filename"]
@@ -460,34 +545,50 @@ class CocoCaptions(Dataset):
             path = os.path.join(image_dir, im.get("filepath", ""), name)
             if not os.path.isfile(path) and os.path.isfile(os.path.join(image_dir, name)):
                 path = os.path.join(image_dir, name)
-            found.append((path, where))
-            self.items += [(path, r, refs, where) for r in (refs if split == "train" else refs[:1])]
-        _missing(found, ann_path)
-        self.tf = _transform(image_size)
-
-    def __len__(self):
-        return len(self.items)
-
-    def texts(self) -> list[str]:
-        """Prompt and targets, to build a Tokenizer without decoding any image."""
-        return [CAPTION_PROMPT] + [t for _, t, _, _ in self.items]
-
-    def __getitem__(self, i) -> Sample:
-        path, tgt, refs, where = self.items[i]
-        return Sample(_load_image(path, self.tf, where), CAPTION_PROMPT, tgt, refs, "caption")
+            for r in refs if split == "train" else refs[:1]:
+                words = r.split()
+                self.cut += len(words) > max_target
+                self.items.append((path, CAPTION_PROMPT, " ".join(words[:max_target]), refs,
+                                   where))
+        self.items = self.items[:size]  # a training image adds up to five at once
+        self._finish(ann_path, image_size, must_exist)
 
 
-class SnliVE(Dataset):
-    """SNLI-VE: one JSON object a line with Flickr30k_ID, sentence2 (the hypothesis) and
-    gold_label, images at <image_dir>/<Flickr30k_ID>.jpg. Labels map to OFA's answers:
-    entailment -> yes, contradiction -> no, neutral -> maybe; any other label is an error."""
+class SnliVE(AnnotatedImages):
+    """SNLI-VE as published (github.com/necla-ml/SNLI-VE): snli_ve_{train,dev,test}.jsonl, one
+    SNLI line each (annotator_labels, captionID, gold_label, pairID, sentence1, sentence2 and
+    their parses) plus Flickr30K_ID, the number of the image: <image_dir>/<Flickr30K_ID>.jpg.
+    sentence1, the premise, is a Flickr30k caption of that image; sentence2 is the hypothesis.
+    Labels become OFA's answers: entailment -> yes, contradiction -> no, neutral -> maybe.
 
+    premise=True is the authors' recipe (OFA's --add-caption, which the MuE script passes): the
+    prompt reads 'can image and text1 " <premise> " imply text2 " <hypothesis> "?'. premise=False
+    asks 'does the image describe " <hypothesis> "?', so the image is the only premise: visual
+    entailment proper, where the caption makes the task largely a textual one. Either way the
+    prompt is also the decoder's prefix (OFA's prev_output). A prompt over max_prompt tokens
+    loses words from the end of the premise first, then of the hypothesis (OFA cuts each text to
+    a word budget too), and `cut` counts it.
+
+    SNLI's lines without a consensus label (gold_label "-") were dropped by SNLI-VE's generator,
+    so a file with one is not SNLI-VE (raw SNLI, perhaps): it is refused, not skipped."""
+
+    task = "ve"
     LABELS = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
 
-    def __init__(self, jsonl_path, image_dir, image_size=64):
-        self.items, found = [], []  # items: (image path, prompt, label, where)
+    def __init__(self, jsonl_path, image_dir, image_size=64, premise=True, max_prompt=80,
+                 size=None, must_exist=True):
+        template = VE_PREMISE_PROMPT if premise else VE_PROMPT
+        texts = ("sentence1", "sentence2") if premise else ("sentence2",)
+        need = ("Flickr30K_ID", *texts, "gold_label")
+        room = max_prompt - len(_TOKEN.findall(template.format(*[""] * len(texts))))
+        if room < 2 * len(texts):
+            raise ValueError(f"{max_prompt} tokens leave no room for the texts of {template!r}")
+        self.items, self.cut = [], 0
+        self.cut_note = f"prompts cut to {max_prompt} tokens (the premise first)"
         with open(jsonl_path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
+                if size is not None and len(self.items) >= size:
+                    break
                 if not line.strip():
                     continue
                 where = f"{jsonl_path}:{n}"
@@ -495,39 +596,35 @@ class SnliVE(Dataset):
                     r = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                need = ("Flickr30k_ID", "sentence2", "gold_label")
                 if not isinstance(r, dict) or not all(k in r for k in need):
-                    raise ValueError(f"{where}: needs the fields {', '.join(need)}")
+                    raise ValueError(f"{where}: needs the fields {', '.join(need)}, as in the "
+                                     f"published SNLI-VE files")
                 if r["gold_label"] not in self.LABELS:
-                    raise ValueError(f"{where}: unknown gold_label {r['gold_label']!r}, "
-                                     f"expected one of {tuple(self.LABELS)}")
-                path = os.path.join(image_dir, f"{r['Flickr30k_ID']}.jpg")
-                found.append((path, where))
-                hyp = clean(str(r["sentence2"]))
-                if not hyp:
-                    raise ValueError(f"{where}: empty sentence2")
+                    raise ValueError(f"{where}: unknown gold_label {r['gold_label']!r}, expected "
+                                     f"one of {tuple(self.LABELS)} (SNLI-VE has no '-' lines)")
+                words = [clean(str(r[k])).split() for k in texts]  # [premise,] hypothesis
+                if not all(words):
+                    raise ValueError(f"{where}: empty {' or '.join(texts)}")
+                if sum(map(len, words)) > room:
+                    self.cut += 1
+                    words[0] = words[0][:max(1, room - sum(map(len, words[1:])))]
+                    words[-1] = words[-1][:room - sum(map(len, words[:-1]))]
+                src = template.format(*(" ".join(w) for w in words))
                 label = self.LABELS[r["gold_label"]]
-                self.items.append((path, VE_PROMPT.format(hyp), label, where))
-        _missing(found, jsonl_path)
-        self.tf = _transform(image_size)
-
-    def __len__(self):
-        return len(self.items)
-
-    def texts(self) -> list[str]:
-        return [t for _, src, tgt, _ in self.items for t in (src, tgt)]
-
-    def __getitem__(self, i) -> Sample:
-        path, src, label, where = self.items[i]
-        return Sample(_load_image(path, self.tf, where), src, label, [label], "ve", src)
+                path = os.path.join(image_dir, f"{r['Flickr30K_ID']}.jpg")
+                self.items.append((path, src, label, [label], where))
+        self._finish(jsonl_path, image_size, must_exist)
 
 
 def load_split(source: str, split: str, ann: str = "", images: str = "", image_size: int = 64,
-               task: str = "multi", seed: int = 0, size: int | None = None) -> Dataset:
-    """One split ("train", "val" or "test") of a data source, at most `size` samples:
-    "shapes" (task, seed), "coco" (ann: dataset_coco.json) or "snli_ve" (ann: the folder of
-    snli_ve_{train,dev,test}.jsonl, or a path with "{split}"; val is SNLI-VE's dev). train.py and
-    eval.py both load their data here, so they score the same samples."""
+               task: str = "multi", seed: int = 0, size: int | None = None, premise: bool = True,
+               max_src_len: int = 32, max_tgt_len: int = 32, must_exist: bool = True) -> Dataset:
+    """One split ("train", "val" or "test") of a data source, its first `size` samples (all if
+    None): "shapes" (task, seed), "coco" (ann: dataset_coco.json) or "snli_ve" (ann: the folder of
+    snli_ve_{train,dev,test}.jsonl, or a path with "{split}"; val is SNLI-VE's dev; premise: see
+    SnliVE). Real texts are cut to fit max_src_len and max_tgt_len (the model's), and counted.
+    must_exist=False lists missing images instead of refusing them (data.py --check). train.py
+    and eval.py both load their data here, so they score the same samples."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     if source == "shapes":
@@ -536,14 +633,21 @@ def load_split(source: str, split: str, ann: str = "", images: str = "", image_s
         raise ValueError(f"unknown data source {source!r}: expected shapes, coco or snli_ve")
     if not (ann and images):
         raise ValueError(f"data {source} needs an annotation path and an image folder")
-    if source == "coco":
-        ds = CocoCaptions(ann, images, split, image_size)
-    else:
-        name = "dev" if split == "val" else split
-        path = ann.format(split=name) if "{split}" in ann else os.path.join(
-            ann, f"snli_ve_{name}.jsonl")
-        ds = SnliVE(path, images, image_size)
-    return ds if size is None else torch.utils.data.Subset(ds, range(min(size, len(ds))))
+    if source == "coco":  # the decoder reads bos + the caption: max_tgt_len - 1 words
+        return CocoCaptions(ann, images, split, image_size, max_tgt_len - 1, size, must_exist)
+    name = "dev" if split == "val" else split
+    path = ann.format(split=name) if "{split}" in ann else os.path.join(
+        ann, f"snli_ve_{name}.jsonl")
+    # the prompt is the encoder's input and, after bos and before the answer, the decoder's
+    return SnliVE(path, images, image_size, premise, min(max_src_len, max_tgt_len - 2), size,
+                  must_exist)
+
+
+def unknown_words(tok: Tokenizer, texts) -> dict:
+    """How many words of `texts` the vocabulary does not know: the model reads them as <unk>."""
+    ids = [i for t in texts for i in tok.encode(t)]
+    unk = ids.count(UNK_ID)
+    return {"unknown": unk, "words": len(ids), "share": unk / len(ids) if ids else 0.0}
 
 
 # -----------------------------------------------------------------------------
@@ -627,6 +731,67 @@ def difficulty(ds: ShapesDataset, n: int) -> dict[str, Counter]:
     return c
 
 
+def _decode_all(paths: list[str], workers: int, label: str) -> dict[str, str]:
+    """path -> what is wrong ("missing", or Pillow's reason) for each image that does not decode,
+    with a progress bar on stderr meanwhile. Threads suffice: Pillow decodes without the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(path):
+        if not os.path.isfile(path):
+            return "missing"
+        try:
+            read_image(path)
+        except IMAGE_ERRORS as e:
+            return _reason(e)
+        return None
+
+    bad, t0, shown, n = {}, time.time(), 0.0, len(paths)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for k, (path, why) in enumerate(zip(paths, pool.map(problem, paths), strict=True), 1):
+            if why:
+                bad[path] = why
+            if time.time() - shown > 0.5 or k == n:  # a line twice a second, and the last one
+                shown, rate = time.time(), k / max(time.time() - t0, 1e-6)
+                bar = "#" * (30 * k // n) + "." * (30 - 30 * k // n)
+                print(f"\r{label} [{bar}] {k}/{n} images, {len(bad)} bad, {rate:.0f}/s, eta "
+                      f"{(n - k) / rate:.0f} s ", end="\n" if k == n else "", file=sys.stderr,
+                      flush=True)
+    return bad
+
+
+def check(source: str, ann: str, images: str, premise: bool = True, min_count: int = MIN_COUNT,
+          workers: int = 8, log=print) -> int:
+    """python data.py --check: read the annotations of every split, open and decode each image
+    once, and report per split its samples, images and texts cut to fit train.py's limits; the
+    vocabulary train.py would build and how much of val and test it does not know; and every
+    missing or unreadable image with the annotations naming it. -> the number of bad images."""
+    sets, bad, seen = {}, {}, set()  # bad: path -> (what is wrong, the annotations naming it)
+    for split in ("train", "val", "test"):
+        ds = load_split(source, split, ann, images, premise=premise, must_exist=False,
+                        **REAL_LENGTHS[source])
+        named = {p: w for p, w in ds.images().items() if p not in seen}  # each image once
+        seen |= named.keys()
+        found = _decode_all(list(named), workers, f"{source} {split}")
+        bad.update({p: (why, named[p]) for p, why in found.items()})
+        log(f"{split}: {ds.summary()} | bad images: {len(found)}")
+        sets[split] = ds
+    tok = Tokenizer.build(sets["train"].texts(), min_count)
+    log(f"vocabulary: {len(tok)} words, the 4 specials and those seen at least {min_count} times "
+        f"in train's prompts and targets (--min-count); the others read as <unk>")
+    for split in ("val", "test"):
+        items = sets[split].items
+        p = unknown_words(tok, [it[1] for it in items])  # the prompts
+        r = unknown_words(tok, [ref for it in items for ref in it[3]])  # the references
+        log(f"{split}: unknown words: {p['unknown']} of the prompts' {p['words']} "
+            f"({100 * p['share']:.1f}%), {r['unknown']} of the references' {r['words']} "
+            f"({100 * r['share']:.1f}%)")
+    log(f"bad images: {len(bad) or 'none'}")
+    for path, (why, wheres) in bad.items():
+        more = f" and {len(wheres) - 1} more" if len(wheres) > 1 else ""
+        log(f"  {path}: {why} (named by {wheres[0]}{more})")
+    return len(bad)
+
+
 def positive(text: str) -> int:
     if int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
@@ -634,7 +799,8 @@ def positive(text: str) -> int:
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Draw shapes samples and their texts; print the mix.")
+    p = argparse.ArgumentParser(description="Draw shapes samples and their texts; print the mix. "
+                                "With --check: check real data files before training on them.")
     p.add_argument("--out", default="out/shapes_samples.png",
                    help="PNG path, or a folder (ends with /, exists, or has no extension) for "
                         "shapes_samples.png")
@@ -645,13 +811,33 @@ def parser():
     p.add_argument("--image-size", type=positive, default=64)
     p.add_argument("--stats", type=positive, default=3000, help="samples to measure the mix on "
                    "(drawn on the fly: more than the split's nominal size is fine)")
+    p.add_argument("--check", action="store_true", help="decode every image of --data's files "
+                   "once, count samples, images and words, list bad images (exit 1 if any)")
+    p.add_argument("--data", choices=tuple(REAL_LENGTHS), help="--check: coco or snli_ve")
+    p.add_argument("--ann", help="--check: dataset_coco.json, or the folder of snli_ve_*.jsonl")
+    p.add_argument("--images", help="--check: the COCO or Flickr30k image folder")
+    p.add_argument("--premise", default="true", choices=("true", "false"),
+                   help="--check, snli_ve: the prompt reads the premise (train.py's default)")
+    p.add_argument("--min-count", type=positive, default=MIN_COUNT, help="--check: as train.py's")
+    p.add_argument("--workers", type=positive, default=os.cpu_count() or 1,
+                   help="--check: threads decoding images")
     return p
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     import textwrap
 
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.check:
+        if not (args.data and args.ann and args.images):
+            p.error("--check needs --data, --ann and --images")
+        try:
+            return 1 if check(args.data, args.ann, args.images, args.premise == "true",
+                              args.min_count, args.workers) else 0
+        except (ValueError, OSError) as e:  # a file that is not what it should be: one line
+            print(f"data.py: error: {e}", file=sys.stderr)
+            return 1
     out = args.out
     if out.endswith(("/", os.sep)) or os.path.isdir(out) or not os.path.splitext(out)[1]:
         out = os.path.join(out, "shapes_samples.png")  # not a hidden out/.png
@@ -684,7 +870,8 @@ def main(argv=None):
         total = sum(counter.values())
         shares = (f"{k} {100 * v / total:.1f}%" for k, v in sorted(counter.items()))
         print(f"{name:>16}: " + "  ".join(shares))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

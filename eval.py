@@ -35,7 +35,7 @@ import torch.nn as nn
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from data import Tokenizer, collate, load_split, positive
+from data import BadImage, Tokenizer, collate, load_split, positive, unknown_words
 from mue import ExitConfig, load_checkpoint, save_checkpoint
 
 # Thresholds (image / text / decoder) of the authors' scripts, used when a checkpoint carries no
@@ -398,8 +398,10 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
             timed = {"b32": run_configs(configs, td.batches[:1], tok, td.max_new, repeats),
                      "b1": run_configs(configs, ones, tok, td.max_new, repeats, warmup=True)}
         q_full = quality(task, runs[0].preds, runs[0].refs)["quality"]
+        unknown = unknown_words(tok, [r for s in td.samples for r in s.refs])  # the model's <unk>
         for c, (name, _, e) in enumerate(configs):
-            row = summarize(name, task, runs[c], runs[0], q_full, depth, e)
+            row = {**summarize(name, task, runs[c], runs[0], q_full, depth, e),
+                   "unknown_ref_words": unknown}
             for key in ("b1", "b32"):
                 rs = timed.get(key)
                 meas = sum(rs[0].seconds) / sum(rs[c].seconds) if rs else None
@@ -411,7 +413,8 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
         how = (f"timed: batch of {len(td.batches[0].src)} and {len(timed['b1'][0].preds)} at "
                f"batch 1, median of {repeats}" if timing else "untimed")
         log(f"compare {task} | {len(configs)} configurations x {len(td.samples)} samples "
-            f"| {how} | {time.perf_counter() - t0:.1f} s")
+            f"| {how} | {unknown['unknown']} of {unknown['words']} reference words unknown to "
+            f"the vocabulary | {time.perf_counter() - t0:.1f} s")
     return rows
 
 
@@ -662,12 +665,21 @@ def pick_device(name: str) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def datasets(args, train: dict, image_size: int):
-    """(val, test) of the data the checkpoint was trained on, or as the flags say."""
-    load = partial(load_split, args.data or train.get("data", "shapes"),
-                   ann=args.ann or train.get("ann"), images=args.images or train.get("images"),
-                   image_size=image_size, task=train.get("task", "multi"),
-                   seed=train.get("seed", 0) if args.seed is None else args.seed)
+def datasets(args, train: dict, cfg):
+    """(val, test) of the data the checkpoint was trained on, or as the flags say. train.py
+    saves absolute paths; an older checkpoint's relative ones are read from the current folder."""
+    source = args.data or train.get("data", "shapes")
+    ann, images = args.ann or train.get("ann"), args.images or train.get("images")
+    for flag, path in (("--ann", ann), ("--images", images)):
+        if path and not getattr(args, flag[2:]) and not os.path.exists(
+                path.replace("{split}", "dev")):
+            raise ValueError(f"{args.ckpt} was trained on {path}, which is not there any more "
+                             f"(moved?): give its new place with {flag}")
+    load = partial(load_split, source, ann=ann, images=images, image_size=cfg.image_size,
+                   task=train.get("task", "multi"),
+                   seed=train.get("seed", 0) if args.seed is None else args.seed,
+                   premise=train.get("premise", False),  # absent: trained before the premise
+                   max_src_len=cfg.max_src_len, max_tgt_len=cfg.max_tgt_len)
     return load("val", size=args.n_val), load("test", size=args.n)
 
 
@@ -743,7 +755,14 @@ FLAG_FIELDS = {**KNOB_FIELDS, "criterion": "dec_criterion", "schedule": "dec_sch
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        return evaluate(parser().parse_args(argv))
+    except BadImage as e:  # met while reading samples, after the start-up checks in evaluate
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+def evaluate(args) -> int:
     flags = {f: getattr(args, a) for a, f in FLAG_FIELDS.items() if getattr(args, a) is not None}
     try:  # every configuration error ends here: a message and exit status 1, no traceback
         if args.target is not None and not 0 < args.target <= 1:
@@ -772,7 +791,7 @@ def main(argv=None) -> int:
         args.n_val = args.n_val or train.get("val_size", 300)
         args.target = args.target or train.get("target", 0.99)
         args.out = args.out or os.path.dirname(args.ckpt) or "."  # beside the checkpoint
-        val_set, test_set = datasets(args, train, model.cfg.image_size)
+        val_set, test_set = datasets(args, train, model.cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 1

@@ -53,6 +53,10 @@ class TrainConfig:
     ann: str = ""  # coco: dataset_coco.json (Karpathy split); snli_ve: folder of the .jsonl files
     images: str = ""  # coco: the image folder; snli_ve: the Flickr30k image folder
     task: str = "multi"  # shapes only: "multi" (both tasks, the default) | "caption" | "ve"
+    premise: bool = True  # snli_ve: the prompt reads the premise caption too (the authors'
+    # --add-caption); false: the hypothesis alone, the image its only premise
+    min_count: int = 6  # real data: words seen fewer times in train read as <unk> (6 keeps what
+    # the Karpathy-split preprocessing keeps; data.MIN_COUNT); shapes has its grammar's vocabulary
     steps: int = 700  # optimizer steps
     batch_size: int = 32  # samples per step, over all ranks together
     lr: float = 1e-3  # peak learning rate of AdamW
@@ -119,7 +123,9 @@ def parse_args(argv=None):
     preset = args.get("preset") or auto_preset(args.get("device", ""))
     if preset not in PRESETS:
         p.error(f"--preset must be auto or one of {sorted(PRESETS)}, got {preset!r}")
-    merged = {**PRESETS[preset], **args, "preset": preset}
+    # real data brings its own text limits (SNLI-VE's prompts carry the premise), below the flags
+    merged = {**PRESETS[preset], **data.REAL_LENGTHS.get(args.get("data"), {}), **args,
+              "preset": preset}
     try:
         mcfg = MuEConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
         tcfg = TrainConfig(**{k: v for k, v in merged.items() if k not in MODEL_FIELDS})
@@ -130,6 +136,9 @@ def parse_args(argv=None):
                              f">= {tgt} (eos included); a shorter one fails mid-run")
     except ValueError as e:
         p.error(str(e))
+    # absolute, so that eval.py finds the files from wherever it runs (they are saved in ckpt.pt)
+    tcfg = replace(tcfg, **{k: os.path.abspath(getattr(tcfg, k)) for k in ("ann", "images")
+                            if getattr(tcfg, k)})
     return mcfg, tcfg, set(args)
 
 
@@ -175,13 +184,15 @@ def check_train_config(t: TrainConfig):
 # Data: datasets for the three splits, and the batches of each step.
 
 
-def datasets(t: TrainConfig, image_size: int, tok=None):
+def datasets(t: TrainConfig, m: MuEConfig, tok=None):
     """-> train, val, test datasets and the tokenizer (from the training texts unless given)."""
-    load = partial(data.load_split, t.data, ann=t.ann, images=t.images, image_size=image_size,
-                   task=t.task, seed=t.seed)
+    load = partial(data.load_split, t.data, ann=t.ann, images=t.images, image_size=m.image_size,
+                   task=t.task, seed=t.seed, premise=t.premise, max_src_len=m.max_src_len,
+                   max_tgt_len=m.max_tgt_len)
     train, val, test = load("train"), load("val", size=t.val_size), load("test", size=t.test_size)
     if tok is None:
-        tok = data.shapes_tokenizer() if t.data == "shapes" else data.Tokenizer.build(train.texts())
+        tok = (data.shapes_tokenizer() if t.data == "shapes"
+               else data.Tokenizer.build(train.texts(), t.min_count))
     return train, val, test, tok
 
 
@@ -299,7 +310,10 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
                   "on a CPU (the eta at step 1 tells; --preset cpu is the short run)",
                   file=sys.stderr, flush=True)
     tok = None if state is None else data.Tokenizer.from_state_dict(state["tokenizer"])
-    train_set, val_set, test_set, tok = datasets(tcfg, mcfg.image_size, tok)
+    train_set, val_set, test_set, tok = datasets(tcfg, mcfg, tok)
+    if master and tcfg.data != "shapes":  # what was read, and what was cut to fit: never silent
+        for name, ds in (("train", train_set), ("val", val_set), ("test", test_set)):
+            print(f"{tcfg.data} {name}: {ds.summary()}")
     mcfg = replace(mcfg, vocab_size=len(tok), pad_id=tok.pad_id, bos_id=tok.bos_id,
                    eos_id=tok.eos_id)
     torch.manual_seed(tcfg.seed)

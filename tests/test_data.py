@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import data
+from conftest import truncate
 from data import (
     BOS_ID,
     EOS_ID,
@@ -31,6 +32,7 @@ from data import (
     ShapesDataset,
     SnliVE,
     Tokenizer,
+    clean,
     collate,
     shapes_tokenizer,
 )
@@ -519,12 +521,7 @@ def test_main_names_folders_measures_what_is_asked_and_refuses_no_samples(
 
 
 # -----------------------------------------------------------------------------
-# real-data loaders on tiny fixtures
-
-
-def jpeg(path, size, colour, mode="RGB"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new(mode, size, colour).save(path, "JPEG", quality=95)
+# real-data loaders, on files in the published formats (tests/conftest.py writes them)
 
 
 def mean_rgb(image):
@@ -534,84 +531,55 @@ def mean_rgb(image):
     ).mean((1, 2))
 
 
-@pytest.fixture
-def coco(tmp_path):
-    root = tmp_path / "coco"
-    entries = [  # filepath, filename, split, size, colour, sentences
-        (
-            "train2014",
-            "a.jpg",
-            "train",
-            (40, 30),
-            (200, 30, 30),
-            [
-                {"raw": "A man riding a horse.", "tokens": ["a", "man", "riding", "a", "horse"]},
-                {"raw": "A person on a Horse!"},
-            ],
-        ),
-        ("val2014", "b.jpg", "restval", (100, 80), (30, 200, 30), [{"raw": "Two dogs, playing."}]),
-        (
-            "val2014",
-            "c.jpg",
-            "val",
-            (64, 64),
-            (30, 30, 200),
-            [{"raw": "A zebra grazing."}, {"raw": "Zebra in grass"}],
-        ),
-        ("val2014", "d.jpg", "test", (50, 120), 128, [{"raw": "A gray wall."}]),
-    ]
-    for fp, fn, _, size, colour, _ in entries:
-        jpeg(str(root / fp / fn), size, colour, mode="L" if isinstance(colour, int) else "RGB")
-    ann = {
-        "dataset": "coco",
-        "images": [
-            {"filepath": fp, "filename": fn, "split": sp, "sentences": s}
-            for fp, fn, sp, _, _, s in entries
-        ],
-    }
-    path = tmp_path / "dataset_coco.json"
-    path.write_text(json.dumps(ann, indent=1))
-    return path, root
-
-
-def test_coco_loads_each_split(coco):
-    ann, root = coco
-    train = CocoCaptions(ann, root, split="train")
-    assert len(train) == 3  # train + restval, one sample per caption
+def test_coco_loads_each_split(coco_files):
+    f = coco_files
+    train = CocoCaptions(f.ann, f.images, split="train")
+    assert len(train) == 10  # train and restval, one sample per caption
+    refs = [" ".join(s["tokens"]) for s in f.entries[0]["sentences"]]
     s = train[0]
-    assert (
-        s.image.shape == (3, 64, 64)
-        and s.task == "caption"
-        and s.src == "what does the image describe?"
-    )
-    assert s.tgt == "a man riding a horse" and s.refs == [
-        "a man riding a horse",
-        "a person on a horse",
-    ]
-    assert train[1].tgt == "a person on a horse" and train[2].tgt == "two dogs playing"
+    assert (s.src, s.prefix, s.task) == ("what does the image describe?", "", "caption")
+    assert s.tgt == "a wooden table with six chairs in a bright dining room" and s.refs == refs
+    assert [train[i].tgt for i in range(5)] == refs and train[5].refs[0].startswith("a bicycle")
+    assert s.image.shape == (3, 64, 64)
     assert abs(mean_rgb(s.image) - torch.tensor([200.0, 30, 30])).max() < 12
-    val = CocoCaptions(ann, root, split="val", image_size=32)
-    assert len(val) == 1 and val[0].image.shape == (3, 32, 32)
-    assert val[0].tgt == "a zebra grazing" and val[0].refs == ["a zebra grazing", "zebra in grass"]
-    test = CocoCaptions(ann, root, split="test")
-    assert abs(mean_rgb(test[0].image) - 128).max() < 6  # a grayscale JPEG comes out as RGB
-    tok = Tokenizer.build(train.texts())
+    assert abs(mean_rgb(train[5].image) - 128).max() < 12  # the grayscale JPEG comes out as RGB
+    val = CocoCaptions(f.ann, f.images, split="val", image_size=32)
+    assert len(val) == 1 and val[0].image.shape == (3, 32, 32) and len(val[0].refs) == 5
+    assert val[0].tgt == "a child with an umbrella standing next to a cow"
+    test = CocoCaptions(f.ann, f.images, split="test")
+    assert test[0].tgt == "a man riding a motorbike on a dirt road"
+    assert abs(mean_rgb(test[0].image) - torch.tensor([30.0, 30, 200])).max() < 12
+    # the prompt counts once per sample, as the model reads it, so min_count keeps it
+    tok = Tokenizer.build(train.texts(), min_count=10)
+    assert set(tok.words[4:]) == {"a", "the", "what", "does", "image", "describe", "?"}
     assert tok.encode("a zebra") == [tok.ids["a"], UNK_ID]
-    assert shapes_tokenizer().encode(s.tgt)[:2] == [shapes_tokenizer().ids["a"], UNK_ID]
+    assert data.unknown_words(tok, ["a zebra", "the image"]) == {
+        "unknown": 1, "words": 4, "share": 0.25}
+    assert train.summary() == "10 samples, 2 images"
 
 
-def test_coco_flat_image_folder(coco, tmp_path):
-    ann, root = coco
+def test_coco_cuts_long_targets_but_never_references(coco_files):
+    f = coco_files
+    train = CocoCaptions(f.ann, f.images, split="train", max_target=6)
+    long = [len(" ".join(s["tokens"]).split()) > 6 for e in f.entries[:2] for s in e["sentences"]]
+    assert train.cut == sum(long) > 0 and max(len(s[2].split()) for s in train.items) == 6
+    assert train.summary() == f"10 samples, 2 images; {sum(long)} target captions cut to 6 words"
+    assert train[0].tgt == "a wooden table with six chairs" and len(train[0].refs[0].split()) == 11
+    # load_split fits the decoder's limit: bos + the caption within max_tgt_len
+    via = data.load_split("coco", "train", str(f.ann), str(f.images), max_tgt_len=7)
+    assert via.cut == train.cut
+
+
+def test_coco_flat_image_folder(coco_files, tmp_path):
     flat = tmp_path / "flat"
-    for fp in ("train2014", "val2014"):
-        for f in os.listdir(root / fp):
-            os.makedirs(flat, exist_ok=True)
-            os.replace(root / fp / f, flat / f)
-    assert len(CocoCaptions(ann, flat, split="train")) == 3
+    os.makedirs(flat)
+    for path in coco_files.jpgs:
+        os.replace(path, flat / os.path.basename(path))
+    assert len(CocoCaptions(coco_files.ann, flat, split="train")) == 10
 
 
-def test_coco_errors_name_the_file_and_entry(coco, tmp_path):
-    ann, root = coco
+def test_coco_errors_name_the_file_and_entry(coco_files, tmp_path):
+    ann, root = coco_files.ann, coco_files.images
     with pytest.raises(FileNotFoundError, match="nope.json"):
         CocoCaptions(tmp_path / "nope.json", root)
     bad = tmp_path / "bad.json"
@@ -620,18 +588,12 @@ def test_coco_errors_name_the_file_and_entry(coco, tmp_path):
         CocoCaptions(bad, root)
     good = json.loads(ann.read_text())
     for mutate, err, pattern in [
-        (
-            lambda a: a["images"][1].update(split="holdout"),
-            ValueError,
-            r"images\[1\]: unknown split",
-        ),
+        (lambda a: a["images"][1].update(split="holdout"), ValueError,
+         r"images\[1\]: unknown split"),
         (lambda a: a["images"][0].pop("filename"), ValueError, r"images\[0\]: malformed"),
         (lambda a: a["images"][1].update(sentences=[]), ValueError, r"images\[1\]: no captions"),
-        (
-            lambda a: a["images"][1].update(filename="gone.jpg"),
-            FileNotFoundError,
-            r"gone\.jpg.*images\[1\]",
-        ),
+        (lambda a: a["images"][1].update(filename="gone.jpg"), FileNotFoundError,
+         r"1 of 2 images .* missing, first .*gone\.jpg \(.*images\[1\]\)"),
     ]:
         a = json.loads(json.dumps(good))
         mutate(a)
@@ -639,111 +601,176 @@ def test_coco_errors_name_the_file_and_entry(coco, tmp_path):
         with pytest.raises(err, match=pattern):
             CocoCaptions(ann, root, split="train")
     ann.write_text(json.dumps(good))
-    (root / "train2014" / "a.jpg").write_bytes(b"this is not a jpeg")
+    a_jpg, b_jpg = coco_files.jpgs[:2]
+    with open(a_jpg, "wb") as f:
+        f.write(b"this is not a jpeg")
     ds = CocoCaptions(ann, root)  # existence is checked eagerly, decoding only when asked
-    with pytest.raises(RuntimeError, match=re.escape(str(root / "train2014" / "a.jpg"))):
+    with pytest.raises(data.BadImage, match=re.escape(a_jpg) + r" \(named by .*images\[0\]\): "
+                       "cannot identify image file"):
         ds[0]
-    good_bytes = (root / "val2014" / "b.jpg").read_bytes()
-    (root / "val2014" / "b.jpg").write_bytes(good_bytes[: len(good_bytes) // 2])  # truncated JPEG
-    with pytest.raises(RuntimeError, match=r"b\.jpg.*images\[1\]"):
-        ds[2]
+    truncate(b_jpg)
+    with pytest.raises(data.BadImage) as e:
+        ds[5]
+    expected = re.escape(f"cannot read image {b_jpg} (named by {ann}: images[1]): image file is "
+                         "truncated (") + r"\d+ bytes not processed\)"
+    assert re.fullmatch(expected, str(e.value))  # one line: nothing after it
 
 
-@pytest.fixture
-def snli(tmp_path):
-    images = tmp_path / "flickr30k_images"
-    for fid, size, colour in (("101", (120, 90), (220, 200, 40)), ("202", (33, 47), (20, 20, 20))):
-        jpeg(str(images / f"{fid}.jpg"), size, colour)
-    rows = [
-        {
-            "Flickr30k_ID": "101",
-            "sentence1": "x",
-            "sentence2": "Two dogs run outside.",
-            "gold_label": "entailment",
-        },
-        {"Flickr30k_ID": "101", "sentence2": "A cat sleeps", "gold_label": "contradiction"},
-        {"Flickr30k_ID": 202, "sentence2": "The man is going to work.", "gold_label": "neutral"},
-    ]
-    path = tmp_path / "snli_ve_dev.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    return path, images, rows
-
-
-def test_snli_ve_loads(snli):
-    path, images, _ = snli
-    ds = SnliVE(path, images, image_size=48)
-    assert len(ds) == 3
-    assert [ds[i].tgt for i in range(3)] == ["yes", "no", "maybe"]
+def test_snli_ve_reads_the_published_lines(snli_files):
+    f = snli_files
+    ds = SnliVE(f.ann / "snli_ve_train.jsonl", f.images, image_size=48)
+    assert len(ds) == 6 and [ds[i].tgt for i in range(6)] == ["yes", "maybe", "no"] * 2
     s = ds[0]
-    assert (
-        s.src == 'does the image describe " two dogs run outside "?'
-        and s.refs == ["yes"]
-        and s.task == "ve"
-    )
-    assert (
-        s.image.shape == (3, 48, 48)
-        and abs(mean_rgb(s.image) - torch.tensor([220.0, 200, 40])).max() < 12
-    )
-    assert ds[2].image.shape == (3, 48, 48)
+    # the authors' recipe: the premise (sentence1) in the prompt, and the prompt as the prefix
+    assert s.src == ('can image and text1 " two men in work clothes are fixing a red bike on the '
+                     'sidewalk " imply text2 " two men are repairing a bicycle "?')
+    assert s.prefix == s.src and s.refs == ["yes"] and s.task == "ve"
+    assert s.image.shape == (3, 48, 48)
+    assert abs(mean_rgb(s.image) - torch.tensor([200.0, 30, 30])).max() < 12
+    assert abs(mean_rgb(ds[3].image) - 128).max() < 12  # grayscale
+    assert ds.summary() == "6 samples, 2 images"
+    alone = SnliVE(f.ann / "snli_ve_train.jsonl", f.images, premise=False)
+    assert alone[0].src == 'does the image describe " two men are repairing a bicycle "?'
+    assert alone[0].prefix == alone[0].src
     tok = Tokenizer.build(ds.texts())
-    assert {"yes", "no", "maybe", '"', "?"} <= set(tok.words)
-    b = collate([ds[i] for i in range(3)], tok)  # the answer is the first scored target
+    assert {"yes", "no", "maybe", "text1", "imply", '"', "?"} <= set(tok.words)
+    b = collate([ds[i] for i in range(3)], tok, max_src_len=80, max_tgt_len=82)
     assert [row[m][0].item() for row, m in zip(b.targets, b.tgt_mask, strict=True)] == [
-        tok.ids[w] for w in ("yes", "no", "maybe")
-    ]
+        tok.ids[w] for w in ("yes", "maybe", "no")
+    ]  # the answer is the first scored target, the prompt before it is not scored
+    assert b.tgt_mask.sum(1).tolist() == [2, 2, 2]  # the answer and eos
 
 
-def test_snli_ve_errors_name_the_file_and_line(snli, tmp_path):
-    path, images, rows = snli
+def test_snli_ve_prompts_cut_to_fit_the_premise_first(snli_files):
+    f = snli_files
+    ds = SnliVE(f.ann / "snli_ve_train.jsonl", f.images, max_prompt=20)  # 9 words after the 11
+    tok = Tokenizer.build(ds.texts())
+    assert max(len(tok.encode(s)) for _, s, *_ in ds.items) == 20
+    hyp = [clean(r["sentence2"]) for r in f.lines["train"]]
+    assert all(f'text2 " {h} "?' in s for h, (_, s, *_) in zip(hyp, ds.items, strict=True))
+    assert ds.items[0][1].startswith('can image and text1 " two men in " imply')
+    long = [len(clean(r["sentence1"] + " " + r["sentence2"]).split()) > 9 for r in f.lines["train"]]
+    assert ds.cut == sum(long) > 0
+    assert ds.summary().endswith(f"; {sum(long)} prompts cut to 20 tokens (the premise first)")
+    # load_split fits the prompt to both limits: it is the decoder's prefix too
+    via = data.load_split("snli_ve", "train", str(f.ann), str(f.images), max_src_len=80,
+                          max_tgt_len=22)
+    assert [s for _, s, *_ in via.items] == [s for _, s, *_ in ds.items]
+    b = collate([via[i] for i in range(6)], tok, max_src_len=80, max_tgt_len=22)  # fits
+    assert b.tgt_in.shape[1] == 22
+    alone = SnliVE(f.ann / "snli_ve_train.jsonl", f.images, premise=False, max_prompt=10)
+    assert alone.items[1][1] == 'does the image describe " the men are "?' and alone.cut == 6
+
+
+def test_snli_ve_errors_name_the_file_and_line(snli_files, tmp_path):
+    f = snli_files
+    path, rows = f.ann / "snli_ve_dev.jsonl", f.lines["dev"]
     lines = [json.dumps(r) for r in rows]
 
     def write(*ls):
         path.write_text("\n".join(ls) + "\n")
 
-    write(lines[0], "", '{"Flickr30k_ID": "101", "sentence2": oops}')
+    write(lines[0], "", '{"Flickr30K_ID": "1003163366", "sentence2": oops}')
     with pytest.raises(ValueError, match=r"snli_ve_dev\.jsonl:3: not valid JSON"):
-        SnliVE(path, images)
-    write(lines[0], json.dumps({**rows[1], "gold_label": "-"}))
-    with pytest.raises(ValueError, match=r"snli_ve_dev\.jsonl:2: unknown gold_label '-'"):
-        SnliVE(path, images)
-    write(json.dumps({"Flickr30k_ID": "101", "gold_label": "neutral"}))
-    with pytest.raises(ValueError, match=r":1: needs the fields"):
-        SnliVE(path, images)
-    write(lines[0], json.dumps({**rows[1], "Flickr30k_ID": "999"}))
-    with pytest.raises(FileNotFoundError, match=r"999\.jpg.*snli_ve_dev\.jsonl:2"):
-        SnliVE(path, images)
+        SnliVE(path, f.images)
+    write(lines[0], json.dumps({**rows[1], "gold_label": "-"}))  # raw SNLI has these
+    with pytest.raises(ValueError, match=r"snli_ve_dev\.jsonl:2: unknown gold_label '-'.*no '-'"):
+        SnliVE(path, f.images)
+    old = {("Flickr30k_ID" if k == "Flickr30K_ID" else k): v for k, v in rows[0].items()}
+    write(json.dumps(old))  # the capital K matters
+    with pytest.raises(ValueError, match=r":1: needs the fields Flickr30K_ID, sentence1, "):
+        SnliVE(path, f.images)
+    write(json.dumps({k: v for k, v in rows[0].items() if k != "sentence1"}))
+    with pytest.raises(ValueError, match=r":1: needs the fields .*sentence1"):
+        SnliVE(path, f.images)
+    assert len(SnliVE(path, f.images, premise=False)) == 1  # the hypothesis alone needs no premise
+    write(json.dumps({**rows[0], "sentence2": "?!"}))
+    with pytest.raises(ValueError, match=r":1: empty sentence1 or sentence2"):
+        SnliVE(path, f.images)
+    write(lines[0], json.dumps({**rows[1], "Flickr30K_ID": "999"}))
+    with pytest.raises(FileNotFoundError, match=r"999\.jpg \(.*snli_ve_dev\.jsonl:2\)"):
+        SnliVE(path, f.images)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        SnliVE(tmp_path / "missing.jsonl", images)
-    write(*lines)
-    (images / "202.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    ds = SnliVE(path, images)
+        SnliVE(tmp_path / "missing.jsonl", f.images)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_image_is_one_line_also_from_a_dataloader_worker(snli_files, workers):
+    f = snli_files
+    truncate(f.jpgs["dev"][0])
+    ds = SnliVE(f.ann / "snli_ve_dev.jsonl", f.images)
     loader = torch.utils.data.DataLoader(
-        ds,
-        batch_size=3,
-        num_workers=1,
-        collate_fn=functools.partial(collate, tok=shapes_tokenizer()),
+        ds, batch_size=3, num_workers=workers,
+        collate_fn=functools.partial(collate, tok=shapes_tokenizer(), max_src_len=80,
+                                     max_tgt_len=82, truncate=True),
     )
-    # the worker's error reaches the main process still naming the image and the line
-    with pytest.raises(RuntimeError, match=re.escape(str(images / "202.jpg")) + r".*jsonl:3"):
+    with pytest.raises(data.BadImage) as e:
         next(iter(loader))
+    line = str(e.value)  # torch rebuilds a worker's error from its whole traceback: we keep ours
+    assert line.startswith(f"cannot read image {f.jpgs['dev'][0]} (named by "
+                           f"{f.ann / 'snli_ve_dev.jsonl'}:1): image file is truncated")
+    assert "\n" not in line and "Traceback" not in line
 
 
-def test_load_split_picks_the_source_and_caps_the_size(coco, snli):
+def test_load_split_picks_the_source_and_caps_the_size(coco_files, snli_files):
     shapes = data.load_split("shapes", "val", task="ve", seed=3, size=7, image_size=32)
     assert len(shapes) == 7 and shapes[2].src == ShapesDataset("val", "ve", seed=3)[2].src
-    ann, root = coco
-    assert len(data.load_split("coco", "train", str(ann), str(root))) == 3
-    assert len(data.load_split("coco", "train", str(ann), str(root), size=2)) == 2
-    path, images, rows = snli  # SNLI-VE calls its validation split "dev"
-    val = data.load_split("snli_ve", "val", str(path.parent), str(images))
-    assert len(val) == len(rows) and val[0].tgt == "yes"
-    pattern = str(path.parent / "snli_ve_{split}.jsonl")
-    assert len(data.load_split("snli_ve", "val", pattern, str(images), size=1)) == 1
+    ann, root = str(coco_files.ann), str(coco_files.images)
+    assert len(data.load_split("coco", "train", ann, root)) == 10
+    assert len(data.load_split("coco", "train", ann, root, size=2)) == 2
+    f = snli_files  # SNLI-VE calls its validation split "dev"
+    val = data.load_split("snli_ve", "val", str(f.ann), str(f.images))
+    assert len(val) == 3 and val[0].tgt == "yes" and "woman in a blue coat" in val[0].src
+    pattern = str(f.ann / "snli_ve_{split}.jsonl")
+    assert len(data.load_split("snli_ve", "val", pattern, str(f.images), size=1)) == 1
+    assert data.load_split("snli_ve", "test", pattern, str(f.images), premise=False)[0].src == (
+        'does the image describe " the children are asleep indoors "?')
+    os.remove(f.ann / "snli_ve_test.jsonl")
     with pytest.raises(FileNotFoundError, match="snli_ve_test.jsonl"):
-        data.load_split("snli_ve", "test", str(path.parent), str(images))
+        data.load_split("snli_ve", "test", str(f.ann), str(f.images))
     with pytest.raises(ValueError, match="unknown data source 'vqa'"):
         data.load_split("vqa", "val", "x", "y")
     with pytest.raises(ValueError, match="needs an annotation path"):
-        data.load_split("coco", "val", "", str(root))
+        data.load_split("coco", "val", "", root)
     with pytest.raises(ValueError, match="split must be"):
         data.load_split("shapes", "dev")
+
+
+def test_check_lists_every_bad_image_with_its_annotation(coco_files, capsys):
+    f, log = coco_files, []
+    assert data.check("coco", str(f.ann), str(f.images), min_count=2, log=log.append) == 0
+    assert log[:3] == ["train: 10 samples, 2 images | bad images: 0",
+                       "val: 1 samples, 1 images | bad images: 0",
+                       "test: 1 samples, 1 images | bad images: 0"]
+    tok = Tokenizer.build(CocoCaptions(f.ann, f.images).texts(), min_count=2)
+    assert log[3].startswith(f"vocabulary: {len(tok)} words") and log[-1] == "bad images: none"
+    assert "coco train [" in capsys.readouterr().err  # the progress bar
+    truncate(f.jpgs[1])
+    os.remove(f.jpgs[3])
+    log.clear()
+    assert data.check("coco", str(f.ann), str(f.images), log=log.append) == 2
+    assert log[0] == "train: 10 samples, 2 images | bad images: 1"
+    assert log[-3] == "bad images: 2"
+    assert re.fullmatch(re.escape(f"  {f.jpgs[1]}: image file is truncated (") + r"\d+ bytes not "
+                        + re.escape(f"processed) (named by {f.ann}: images[1])"),
+                        log[-2])
+    assert log[-1] == f"  {f.jpgs[3]}: missing (named by {f.ann}: images[3])"
+
+
+def test_check_command_exits_1_naming_the_truncated_file(snli_files):
+    f = snli_files
+    truncate(f.jpgs["train"][1])
+    cmd = [sys.executable, "data.py", "--check", "--data", "snli_ve", "--ann", str(f.ann),
+           "--images", str(f.images), "--min-count", "1"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    out = r.stdout.splitlines()
+    assert out[:3] == ["train: 6 samples, 2 images | bad images: 1",
+                       "val: 3 samples, 1 images | bad images: 0",
+                       "test: 3 samples, 1 images | bad images: 0"]
+    assert out[3].startswith("vocabulary: ") and "of the references' 3 (0.0%)" in out[5]
+    assert out[-2] == "bad images: 1" and out[-1].startswith(
+        f"  {f.jpgs['train'][1]}: image file is truncated (")
+    assert out[-1].endswith(f"(named by {f.ann / 'snli_ve_train.jsonl'}:4 and 2 more)")
+    assert "snli_ve test [" in r.stderr  # the progress bar

@@ -28,7 +28,7 @@ def commands():
     """(where, script, its arguments) for every command line of README's ```bash blocks and of
     the usage lines in the three scripts' docstrings."""
     lines = [("README.md", line) for block in re.findall(r"```bash\n(.*?)```", README, re.S)
-             for line in block.splitlines()]
+             for line in block.replace("\\\n", " ").splitlines()]  # joined continuations
     for name in PARSERS:
         doc = {"train.py": train, "eval.py": ev, "data.py": data}[name].__doc__
         lines += [(name, line) for line in doc.splitlines()

@@ -3,15 +3,19 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
 
 import pytest
 import torch
+from conftest import truncate
 
+import data
 import mue
 import train
+from eval import main as eval_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "cpu", "--d-model", "32", "--n-heads", "2", "--d-ff", "64",
@@ -260,3 +264,113 @@ def test_report_calibrates_stores_thresholds_and_writes_json(tmp_path, capsys):
     assert report["train"]["steps"] == 4 and report["train"]["losses"] == state["losses"]
     assert "MuE" in printed and "report.json" in printed
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "report.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data files in their published formats (tests/conftest.py writes them).
+
+
+def real_flags(source, files, relative_to=None):
+    ann, images = str(files.ann), str(files.images)
+    if relative_to:  # as a user types them, from the folder they work in
+        ann, images = os.path.relpath(ann, relative_to), os.path.relpath(images, relative_to)
+    return ["--data", source, "--ann", ann, "--images", images, "--min-count", "1"]
+
+
+def test_real_data_brings_its_text_limits_and_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["--ann", "snli_ve", "--images", "flickr30k-images"]
+    mcfg, tcfg, _ = train.parse_args(["--data", "snli_ve", *base])
+    assert (mcfg.max_src_len, mcfg.max_tgt_len) == (80, 82)  # the premise makes prompts long
+    assert tcfg.ann == str(tmp_path / "snli_ve") and tcfg.images == str(tmp_path / base[3])
+    assert tcfg.premise and tcfg.min_count == data.MIN_COUNT == 6
+    mcfg, tcfg, _ = train.parse_args(["--data", "snli_ve", *base, "--max-src-len", "40",
+                                      "--premise", "false", "--min-count", "2"])
+    assert (mcfg.max_src_len, mcfg.max_tgt_len, tcfg.premise, tcfg.min_count) == (40, 82, False, 2)
+    mcfg, _, _ = train.parse_args(["--data", "coco", *base])
+    assert (mcfg.max_src_len, mcfg.max_tgt_len) == (32, 32)
+
+
+@pytest.mark.parametrize("source", ["coco", "snli_ve"])
+def test_trains_two_steps_and_evaluates_on_the_published_files(source, coco_files, snli_files,
+                                                              tmp_path, monkeypatch, capsys):
+    files = {"coco": coco_files, "snli_ve": snli_files}[source]
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert run(out, "--steps", "2", *real_flags(source, files, relative_to=tmp_path)) == 0
+    printed = capsys.readouterr().out
+    summary = {"coco": "coco train: 10 samples, 2 images", "snli_ve": "snli_ve train: 6 samples, "
+               "2 images"}[source]
+    assert summary in printed and "step 2/2" in printed
+    state = saved(out)
+    assert state["train"]["ann"] == str(files.ann) and state["train"]["premise"]
+    assert state["config"]["max_tgt_len"] == {"coco": 32, "snli_ve": 82}[source]
+    task = {"coco": "caption", "snli_ve": "ve"}[source]
+
+    elsewhere = tmp_path / "elsewhere"  # eval.py finds the files without being told where
+    os.makedirs(elsewhere)
+    monkeypatch.chdir(elsewhere)
+    assert eval_main(["--ckpt", str(out / "ckpt.pt"), "--out", "figs", "--json", "r.json",
+                      "--no-timing", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(rf"^{task} +full ", printed, re.M)  # the table
+    result = json.loads((elsewhere / "r.json").read_text())
+    assert {(r["task"], r["name"]) for r in result["rows"]} >= {(task, "full"), (task, "MuE")}
+    unknown = result["rows"][0]["unknown_ref_words"]
+    if source == "coco":  # the test captions' words the two training images never used
+        assert 0 < unknown["unknown"] < unknown["words"] == 47
+        assert f"{unknown['unknown']} of 47 reference words unknown" in printed
+    else:
+        assert unknown == {"unknown": 0, "words": 3, "share": 0.0}  # yes / no / maybe
+    figures = {"profiles.png", "exits.png"} | ({"words.png"} if source == "coco" else set())
+    assert set(os.listdir(elsewhere / "figs")) == figures
+
+
+def test_eval_says_when_the_training_files_moved(coco_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--steps", "1", *real_flags("coco", coco_files)) == 0
+    moved = tmp_path / "moved.json"
+    os.replace(coco_files.ann, moved)
+    args = ["--ckpt", str(out / "ckpt.pt"), "--no-timing", "--no-figures", "--n", "1"]
+    capsys.readouterr()
+    assert eval_main(args) == 1
+    assert capsys.readouterr().err == (
+        f"eval.py: error: {out / 'ckpt.pt'} was trained on {coco_files.ann}, which is not there "
+        f"any more (moved?): give its new place with --ann\n")
+    assert eval_main([*args, "--ann", str(moved)]) == 0
+
+
+@pytest.mark.parametrize("source, workers", [("snli_ve", 0), ("snli_ve", 1), ("coco", 1)])
+def test_a_bad_image_ends_the_run_in_one_line_and_keeps_the_checkpoint(
+        source, workers, coco_files, snli_files, tmp_path, capsys):
+    files = {"coco": coco_files, "snli_ve": snli_files}[source]
+    # the truncated image is in every batch: SNLI-VE's is named by 3 of the 6 training lines, so
+    # by one of any 4; COCO's by 5 of the 10 training captions, and a batch takes all 10
+    flags = [*real_flags(source, files), "--batch-size", "4" if source == "snli_ve" else "10"]
+    bad, named_by = {"snli_ve": (snli_files.jpgs["train"][1], f"{files.ann}/snli_ve_train.jsonl:4"),
+                     "coco": (coco_files.jpgs[1], f"{files.ann}: images[1]")}[source]
+    out = tmp_path / "run"
+    assert run(out, "--steps", "2", *flags) == 0
+    good = (out / "ckpt.pt").read_bytes()
+    truncate(bad)
+    again = ["--steps", "4", "--resume", "true", "--workers", str(workers), *flags]
+    if workers == 0:
+        capsys.readouterr()
+        rc, (stdout, stderr) = run(out, *again), capsys.readouterr()
+    else:  # a worker process: what reaches the terminal is only seen from outside
+        r = subprocess.run([sys.executable, "train.py", *TINY, "--out", str(out), *again],
+                           cwd=ROOT, capture_output=True, text=True, timeout=240,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        rc, stdout, stderr = r.returncode, r.stdout, r.stderr
+    assert rc == 1 and "step 3/4" not in stdout
+    assert stderr.startswith(f"train.py: error: cannot read image {bad} (named by {named_by}): "
+                             f"image file is truncated (") and stderr.count("\n") == 1, stderr
+    assert (out / "ckpt.pt").read_bytes() == good and os.listdir(out) == ["ckpt.pt"]
+    if workers == 0:  # eval.py, reading its test images in its own process, says it alike
+        truncate(snli_files.jpgs["test"][0])
+        capsys.readouterr()
+        assert eval_main(["--ckpt", str(out / "ckpt.pt"), "--no-timing", "--no-figures"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"eval.py: error: cannot read image {snli_files.jpgs['test'][0]} "
+                              f"(named by {snli_files.ann / 'snli_ve_test.jsonl'}:1): image file "
+                              f"is truncated (") and err.count("\n") == 1
