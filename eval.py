@@ -36,7 +36,8 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
 from data import BadImage, Tokenizer, collate, load_split, positive, unknown_words
-from mue import ExitConfig, load_checkpoint, save_checkpoint
+from mue import (DEC_SCHEDULES, DEC_SIGNALS, ENC_SIGNALS, PLUGINS, ExitConfig, load_checkpoint,
+                 load_plugin, made_with, save_checkpoint)
 
 # Thresholds (image / text / decoder) of the authors' scripts, used when a checkpoint carries no
 # calibrated ones. A small model trained from scratch has its own similarity profile, so these are
@@ -128,7 +129,7 @@ def sample_macs(model, ex, stem: int, n_txt: int, img_l: int, txt_l: int, dec: l
     M = n_img + n_txt  # memory the decoder cross-attends to
     macs += max(dec) * 2 * M * C * C  # cross-attention K/V of the memory, once per layer reached
     ex = ex or ExitConfig()
-    heads_at_every_layer = ex.dec_criterion == "confidence" and ex.dec_threshold < 1.0
+    heads_at_every_layer = DEC_SIGNALS[ex.dec_criterion].head and ex.dec_threshold < 1.0
     for s, k in enumerate(dec):  # step s read n tokens (the prefix at s = 0), ran layers 1..k
         n, keys = (n_pre, n_pre) if s == 0 else (1, n_pre + s)  # keys: positions attended to
         per_layer = (n * (4 * C * C + 2 * C * C + 2 * C * Ff)  # projections (self q, k, v, out;
@@ -261,16 +262,16 @@ def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]
     together as one knob (at the same quantile level)."""
     L_enc, L_dec = model.cfg.n_enc_layers, model.cfg.n_dec_layers
     sig = {"img": [], "txt": [], "dec": []}
-    key = "dec_conf" if base.dec_criterion == "confidence" else "dec_sim"
     for batch in td.batches[:2]:
-        p = model.profile(batch.images, batch.src, batch.tgt_in)
+        p = model.profile(batch.images, batch.src, batch.tgt_in, base.enc_criterion)
         sig["img"].append(p["img"][:, :L_enc - 1].flatten())
         sig["txt"].append(p["txt"][:, :L_enc - 1].flatten())
-        sig["dec"].append(p[key][:, :, :L_dec - 1][batch.tgt_mask].flatten())
+        sig["dec"].append(p[f"dec_{base.dec_criterion}"][:, :, :L_dec - 1][batch.tgt_mask])
     cands = {}
     for name, vals in sig.items():
         v = torch.cat(vals).float().cpu()
-        low = 0.0 if name == "dec" and key == "dec_conf" else -1.0
+        low = (DEC_SIGNALS[base.dec_criterion] if name == "dec" else
+               ENC_SIGNALS[base.enc_criterion]).low
         cands[name] = [] if v.numel() == 0 else [
             min(max(round(torch.quantile(v, lv).item(), 6), low), 0.999999) for lv in levels]
     if model.cfg.fusion == "joint":
@@ -576,21 +577,22 @@ def figures(model, test_set, tok, device, exits: dict, out="out", n=64, batch_si
     colors = {"caption": "tab:blue", "ve": "tab:red"}
     paths = [os.path.join(out, f) for f in ("profiles.png", "exits.png", "words.png")]
 
-    # Fig. 3: the cosine between consecutive layers' states, per modality, teacher-forced.
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    titles = [("img", "encoder, image tokens"), ("txt", "encoder, text tokens"),
-              ("dec_sim", "decoder, cosine"), ("dec_conf", "decoder, confidence (max softmax)")]
+    # Fig. 3: each exit signal per layer, teacher-forced: the encoder's per modality (the cosine
+    # between consecutive layers' states, unless the exits use another), every decoder signal.
+    titles = [("img", "encoder, image tokens"), ("txt", "encoder, text tokens")] + [
+        (f"dec_{name}", f"decoder, {name}") for name in DEC_SIGNALS]
+    fig, axes = plt.subplots(1, len(titles), figsize=(4.3 * len(titles), 3.8))
     runs = {}
     for task, td in data.items():
         ex = exits.get(task) or PAPER_EXITS[task]
-        dec_key = "dec_conf" if ex.dec_criterion == "confidence" else "dec_sim"
-        thresholds = {"img": ex.img_threshold, "txt": ex.txt_threshold, dec_key: ex.dec_threshold}
+        thresholds = {"img": ex.img_threshold, "txt": ex.txt_threshold,
+                      f"dec_{ex.dec_criterion}": ex.dec_threshold}
         prof = {k: [] for k, _ in titles}
         for b in td.batches:
-            p = model.profile(b.images, b.src, b.tgt_in)
+            p = model.profile(b.images, b.src, b.tgt_in, ex.enc_criterion)
             for k in ("img", "txt"):
                 prof[k].append(p[k].cpu())
-            for k in ("dec_sim", "dec_conf"):
+            for k in prof.keys() - {"img", "txt"}:
                 prof[k].append(p[k][b.tgt_mask].cpu())  # (real target positions, L_dec)
         for ax, (k, title) in zip(axes, titles, strict=True):
             v = torch.cat(prof[k]).float()  # (rows, L)
@@ -603,7 +605,7 @@ def figures(model, test_set, tok, device, exits: dict, out="out", n=64, batch_si
                            label=f"{task}: threshold")
             ax.set(title=title, xlabel="layer l", xticks=list(x))
         runs[task] = run_configs([("MuE", model, ex)], td.batches, tok, td.max_new)[0]
-    axes[0].set_ylabel("cos(h_l, h_l-1)  |  max softmax")
+    axes[0].set_ylabel("signal (a layer exits above its threshold)")
     fig.legend(*axes[-1].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)
     fig.suptitle("Exit signals per layer (the paper's Fig. 3), test samples, every layer run")
     _save(fig, paths[0], rect=(0, 0.08, 1, 1))
@@ -701,7 +703,7 @@ def thresholds(state, flags) -> tuple[dict, dict]:
     """-> (task -> ExitConfig, task -> where it came from). A checkpoint's own calibrated
     thresholds, else the paper's scripts' (never another checkpoint's), the flags over either."""
     saved = state.get("exits") or {}
-    exits = {t: replace(ExitConfig(**saved[t]) if t in saved else e, **flags)
+    exits = {t: ExitConfig(**{**(saved[t] if t in saved else asdict(e)), **flags})
              for t, e in PAPER_EXITS.items()}
     return exits, {t: "checkpoint (calibrated)" if t in saved else
                    "the paper's scripts (uncalibrated)" for t in PAPER_EXITS}
@@ -711,6 +713,9 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="a file "
+                   "that registers exit signals, schedules or loss weights in mue's dicts, run "
+                   "before anything else (README, Exercises); repeatable")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--out", help="folder for the PNGs (default: the checkpoint's folder)")
     p.add_argument("--json", help="write every number of the tables here")
@@ -730,10 +735,16 @@ def parser():
     p.add_argument("--img", type=float, help="image threshold, all tasks (cosine, [-1, 1])")
     p.add_argument("--txt", type=float, help="text threshold, all tasks (cosine, [-1, 1])")
     p.add_argument("--dec", type=float, help="decoder threshold, all tasks")
-    p.add_argument("--criterion", choices=("confidence", "similarity"), help="decoder signal "
-                   "(calibrate, sweep: train.py's --dec-criterion unless given)")
-    p.add_argument("--schedule", choices=("constant", "decay"), help="decoder threshold "
-                   "(calibrate, sweep: train.py's --dec-schedule unless given)")
+    # The names come from mue's dicts once the plugins are loaded, so ExitConfig checks them.
+    p.add_argument("--criterion", help="decoder signal, a name in mue.DEC_SIGNALS: "
+                   f"{', '.join(DEC_SIGNALS)} or a plugin's (calibrate, sweep: train.py's "
+                   "--dec-criterion unless given)")
+    p.add_argument("--schedule", help="decoder threshold, a name in mue.DEC_SCHEDULES: "
+                   f"{', '.join(DEC_SCHEDULES)} or a plugin's (calibrate, sweep: train.py's "
+                   "--dec-schedule unless given)")
+    p.add_argument("--enc-criterion", help="encoder signal, a name in mue.ENC_SIGNALS: "
+                   f"{', '.join(ENC_SIGNALS)} or a plugin's (calibrate, sweep: train.py's "
+                   "--enc-criterion unless given)")
     p.add_argument("--beta", type=float, help="decay schedule beta")
     p.add_argument("--tau", type=float, help="decay schedule tau")
     p.add_argument("--calibrate", action="store_true", help="choose thresholds on val and store "
@@ -751,7 +762,22 @@ def parser():
 
 
 FLAG_FIELDS = {**KNOB_FIELDS, "criterion": "dec_criterion", "schedule": "dec_schedule",
-               "beta": "dec_beta", "tau": "dec_tau"}  # eval.py's flag -> ExitConfig field
+               "beta": "dec_beta", "tau": "dec_tau",
+               "enc_criterion": "enc_criterion"}  # eval.py's flag -> ExitConfig field
+REGISTRIES = {"dec_criterion": ("DEC_SIGNALS", DEC_SIGNALS), "dec_schedule": ("DEC_SCHEDULES",
+              DEC_SCHEDULES), "enc_criterion": ("ENC_SIGNALS", ENC_SIGNALS)}
+
+
+def check_registered(path, state, flags):
+    """A checkpoint's calibrated exits, and the signals it was trained to report with, may name a
+    plugin's signal or schedule: say which file to pass, before anything runs. A flag that
+    replaces the name makes it moot."""
+    named = [("calibrated", e) for e in (state.get("exits") or {}).values()]
+    for how, given in named + [("trained", state.get("train") or {})]:
+        for f, (registry, names) in REGISTRIES.items():
+            if f in given and f not in flags and given[f] not in names:
+                raise ValueError(f"{path} was {how} with {f} {given[f]}: pass --plugin FILE that "
+                                 f"registers it in mue.{registry}{made_with(state)}")
 
 
 def main(argv=None) -> int:
@@ -769,8 +795,10 @@ def evaluate(args) -> int:
             raise ValueError(f"--target must be in (0, 1], got {args.target}")
         if args.grid < 2:
             raise ValueError(f"--grid must be at least 2, got {args.grid}")
+        for path in args.plugin:  # first: they add names that the checks below accept
+            load_plugin(path)
         args.device = pick_device(args.device or "")
-        ExitConfig(**{"dec_criterion": "confidence", **flags})  # check the ranges before loading
+        ExitConfig(**{"dec_criterion": "confidence", **flags})  # check the names and ranges now
         model, state = load_checkpoint(args.ckpt, args.device)
         if "tokenizer" not in state:
             raise ValueError(f"checkpoint {args.ckpt!r} has no tokenizer (not written by train.py)")
@@ -786,6 +814,8 @@ def evaluate(args) -> int:
                 raise ValueError(f"ablation checkpoint {path!r} does not share the main one's "
                                  f"tokenizer and image size")
             checkpoints.append((path, m, st))
+        for path, _, st in checkpoints:
+            check_registered(path, st, flags)
         train = state.get("train") or {}
         args.n = args.n or train.get("test_size", 500)  # the samples train.py reported on
         args.n_val = args.n_val or train.get("val_size", 300)
@@ -800,11 +830,12 @@ def evaluate(args) -> int:
     # The decoder's signal and schedule for --calibrate and --sweep: the flags, else train.py's.
     base = ExitConfig(**{"dec_criterion": train.get("dec_criterion", "confidence"),
                          "dec_schedule": train.get("dec_schedule", "constant"),
+                         "enc_criterion": train.get("enc_criterion", "cosine"),
                          **{k: v for k, v in flags.items() if not k.endswith("_threshold")}})
     tasks = {"coco": ["caption"], "snli_ve": ["ve"]}.get(args.data or train.get("data")) or (
         ["caption", "ve"] if train.get("task", "multi") == "multi" else [train["task"]])
     result = {"checkpoint": args.ckpt, "device": args.device, "settings": vars(args),
-              "thresholds_from": {}}
+              "plugins": list(PLUGINS), "thresholds_from": {}}
     t0 = time.perf_counter()
     every = []  # per checkpoint, task -> ExitConfig: its own thresholds, else the paper's
     for path, m, st in checkpoints:
@@ -812,6 +843,7 @@ def evaluate(args) -> int:
             found = calibrate(m, val_set, tok, args.device, args.target, args.batch_size,
                               args.n_val, base)
             st["exits"] = {t: asdict(e) for t, e in found.items()}
+            st["plugins"] = sorted(set(st.get("plugins") or []) | set(PLUGINS))
             save_checkpoint(path, m, **{k: v for k, v in st.items() if k != "model"})
             print(f"stored the thresholds in {path}")
         exits, source = thresholds(st, {} if args.calibrate else flags)  # --img... ignored then

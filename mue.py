@@ -23,13 +23,19 @@ at least one layer, rows that exited are dropped from the working set (so skippe
 nothing), and a token that exits the decoder early still leaves keys and values in every deeper
 layer's cache (CALM-style state propagation), so later tokens see a complete cache.
 
-Read top to bottom: MuEConfig, ExitConfig, the building blocks, the model (embedding, forward with
-the layer-wise loss), then generation with exits.
+Read top to bottom: MuEConfig, ExitConfig, the exit signals, threshold schedules and loss weights
+(plain dicts from a name to a function: the places to add a variant, from a file of your own that
+`--plugin` loads; README, "Exercises"), the building blocks, the model (embedding, forward with the
+layer-wise loss), generation with exits, then checkpoints and plugins.
 """
 
+import importlib.util
 import math
 import os
+import sys
 import tempfile
+import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -58,14 +64,15 @@ class MuEConfig:
     max_src_len: int = 32  # longest prompt, in tokens
     max_tgt_len: int = 32  # longest target / generated text, in tokens (eos included)
     fusion: str = "decomposed"  # "decomposed": image and text apart (MuE); "joint": one sequence
-    loss_weights: str = "uniform"  # decoder layer-wise loss: "uniform" | "linear" | "last"
+    loss_weights: str = "uniform"  # decoder layer-wise loss, a name in LOSS_WEIGHTS: "uniform" |
+    # "linear" | "last" (the ablation without it) | what a plugin registers
     pad_id: int = 0  # padding token (ignored by attention and by the loss)
     bos_id: int = 1  # first decoder input
     eos_id: int = 2  # ends a generated sequence
 
     def __post_init__(self):
         _check_choice("fusion", self.fusion, ("decomposed", "joint"))
-        _check_choice("loss_weights", self.loss_weights, ("uniform", "linear", "last"))
+        _check_choice("loss_weights", self.loss_weights, LOSS_WEIGHTS, "LOSS_WEIGHTS")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 1 <= self.resnet_stages <= 4:
@@ -76,6 +83,7 @@ class MuEConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.layer_weights()  # a plugin's weights are checked here, not at the first step
 
     def layer_weights(self) -> list[float]:
         """Weights of the decoder layer-wise loss (Sec. 3.4), summing to 1.
@@ -84,9 +92,10 @@ class MuEConfig:
         printed loss stays on the scale of one cross-entropy whatever the depth. With AdamW this
         changes nothing but that scale (and where gradient clipping bites)."""
         n = self.n_dec_layers
-        raw = {"uniform": [1.0] * n,
-               "linear": [float(l) for l in range(1, n + 1)],
-               "last": [0.0] * (n - 1) + [1.0]}[self.loss_weights]
+        raw = [float(w) for w in LOSS_WEIGHTS[self.loss_weights](n)]
+        if len(raw) != n or not all(w >= 0 for w in raw) or sum(raw) <= 0:  # NaN fails too
+            raise ValueError(f"LOSS_WEIGHTS[{self.loss_weights!r}]({n}) gave {raw}: need {n} "
+                             f"weights >= 0, not all 0")
         return [w / sum(raw) for w in raw]
 
 
@@ -94,26 +103,30 @@ class MuEConfig:
 class ExitConfig:
     """When each part of the model stops (Sec. 3.2, 3.3). Thresholds >= 1 never exit.
 
-    The encoder signal is a cosine in [-1, 1]; the decoder's is a probability in [0, 1] for
-    "confidence" and a cosine for "similarity". A layer exits when signal > threshold (strict).
-    With dec_schedule="decay" the decoder threshold at output position t (0-based) of at most N
-    tokens is Theta(t) = beta * theta + (1 - beta) * exp(-tau * t / N) (CALM; paper: theta=0.99,
-    beta=0.95, tau=1); a theta >= 1 still means "never", whatever the schedule.
+    A layer exits when its signal > the threshold (strict). The signals are named: the encoder's
+    in ENC_SIGNALS (default: the cosine to the previous layer, in [-1, 1]), the decoder's in
+    DEC_SIGNALS ("confidence", a probability in [0, 1], or "similarity", a cosine); each says
+    the lowest threshold that means anything. The decoder threshold at output position t
+    (0-based) of at most N tokens is Theta(t) = DEC_SCHEDULES[dec_schedule](self, t, N):
+    "constant", or "decay", Theta(t) = beta * theta + (1 - beta) * exp(-tau * t / N) (CALM;
+    paper: theta=0.99, beta=0.95, tau=1); a theta >= 1 still means "never", whatever the schedule.
     """
 
-    img_threshold: float = 1.0  # tau_img: image tokens stop after layer l if cos(h_l, h_l-1) > it
+    img_threshold: float = 1.0  # tau_img: image tokens stop after layer l if their signal > it
     txt_threshold: float = 1.0  # tau_txt: the same for the text tokens
     dec_threshold: float = 1.0  # theta: a generated token stops after the layer whose signal > it
-    dec_criterion: str = "confidence"  # "confidence": max softmax prob; "similarity": cosine
-    dec_schedule: str = "constant"  # "constant": Theta(t) = theta; "decay": the formula above
+    dec_criterion: str = "confidence"  # the decoder's signal, a name in DEC_SIGNALS
+    dec_schedule: str = "constant"  # Theta(t), a name in DEC_SCHEDULES: "constant" | "decay"
     dec_beta: float = 0.95  # beta of the decay schedule
     dec_tau: float = 1.0  # tau of the decay schedule (how fast it decays with t)
+    enc_criterion: str = "cosine"  # the encoder's signal, a name in ENC_SIGNALS
 
     def __post_init__(self):
-        _check_choice("dec_criterion", self.dec_criterion, ("confidence", "similarity"))
-        _check_choice("dec_schedule", self.dec_schedule, ("constant", "decay"))
-        dec_low = 0.0 if self.dec_criterion == "confidence" else -1.0
-        for name, low, high in (("img_threshold", -1.0, 1.0), ("txt_threshold", -1.0, 1.0),
+        _check_choice("dec_criterion", self.dec_criterion, DEC_SIGNALS, "DEC_SIGNALS")
+        _check_choice("dec_schedule", self.dec_schedule, DEC_SCHEDULES, "DEC_SCHEDULES")
+        _check_choice("enc_criterion", self.enc_criterion, ENC_SIGNALS, "ENC_SIGNALS")
+        enc_low, dec_low = ENC_SIGNALS[self.enc_criterion].low, DEC_SIGNALS[self.dec_criterion].low
+        for name, low, high in (("img_threshold", enc_low, 1.0), ("txt_threshold", enc_low, 1.0),
                                 ("dec_threshold", dec_low, 1.0), ("dec_beta", 0.0, 1.0),
                                 ("dec_tau", 0.0, math.inf)):
             value = getattr(self, name)
@@ -122,15 +135,92 @@ class ExitConfig:
 
     def dec_threshold_at(self, t: int, n: int) -> float:
         """Theta(t) for output position t of at most n generated tokens."""
-        if self.dec_schedule == "constant" or self.dec_threshold >= 1.0:
+        if self.dec_threshold >= 1.0:
             return self.dec_threshold
-        b = self.dec_beta
-        return b * self.dec_threshold + (1 - b) * math.exp(-self.dec_tau * t / n)
+        return DEC_SCHEDULES[self.dec_schedule](self, t, n)
 
 
-def _check_choice(name, value, choices):
+def _check_choice(name, value, choices, registry=None):
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        more = f" (mue.{registry}; a --plugin file can register more)" if registry else ""
+        raise ValueError(f"{name} must be one of {tuple(choices)}{more}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Exit signals, threshold schedules and loss weights. Each dict maps a name (what ExitConfig,
+# MuEConfig and the command lines take) to a function; the built-in ones sit in it, and a new
+# one is a function and a line `DEC_SIGNALS["mine"] = Signal(mine, low=0.0)` in any file that
+# train.py / eval.py load with --plugin (tests/exercises/entropy_exit.py is a worked example).
+# The tests then grade it like the built-in ones: never-exit is the full model, a batch equals
+# its samples one by one, the cached decoder equals a slow recompute.
+
+
+@dataclass(frozen=True)
+class Signal:
+    """An exit signal. Higher means readier: a layer exits when signal > threshold (strict), and
+    a threshold >= 1 never exits, so the values that matter lie in [low, 1)."""
+
+    fn: Callable  # what it receives: see ENC_SIGNALS and DEC_SIGNALS
+    low: float  # the lowest threshold that means anything; ExitConfig accepts [low, 1]
+    head: bool = False  # decoder: fn reads the head's logits, which generate then computes at
+    # every layer a token runs and reuses for its prediction (eval.sample_macs counts them)
+
+
+def masked_cosine(a, b, mask=None):
+    """Per-sample cosine between a and b, each flattened over its non-pad tokens (the authors'
+    code flattens the whole batch, padding included, which only means something at batch size 1).
+    a, b: (B, N, C); mask: (B, N) bool, True on real tokens, or None -> (B,) float32."""
+    a, b = a.float(), b.float()
+    if mask is not None:
+        m = mask.unsqueeze(-1).float()
+        a, b = a * m, b * m
+    dot = (a * b).sum((1, 2))
+    norms = a.square().sum((1, 2)) * b.square().sum((1, 2))
+    return dot / norms.sqrt().clamp_min(1e-12)
+
+
+# Encoder signals, per sample and modality: fn(h, prev, mask) -> (b,), where h and prev are the
+# states after layer l and l-1 (b, N, C) (prev = the embeddings at l = 1) and mask (b, N) is True
+# on the modality's real tokens. Per sample: a row's value must not depend on the other rows.
+ENC_SIGNALS = {"cosine": Signal(masked_cosine, low=-1.0)}
+
+
+def confidence(h, prev, logits, layer, state):
+    """The head's max softmax probability: how sure this layer's prediction is."""
+    return logits.float().softmax(-1).amax(-1), None
+
+
+def similarity(h, prev, logits, layer, state):
+    """The cosine between the token's state after this layer and before it (the authors' code)."""
+    return F.cosine_similarity(h.float(), prev.float(), dim=-1), None
+
+
+# Decoder signals, per generated token: fn(h, prev, logits, layer, state) -> (signal, state).
+# h, prev: (..., C) the token's state after and before decoder layer `layer` (1-based; prev = the
+# token's embedding at layer 1); logits: (..., V) the head on h if the Signal says head=True, else
+# None; state: None at layer 1, then what fn returned at the layer before (a tensor (..., k) or
+# None), for a signal that needs a memory across layers (PABEE's patience). The leading dims are
+# (b,) tokens in `generate` and (B, T) positions in `profile`: compute along the last dim only,
+# and without .item() or printing (a host sync per layer and token is what makes exits slow).
+DEC_SIGNALS = {"confidence": Signal(confidence, low=0.0, head=True),
+               "similarity": Signal(similarity, low=-1.0)}
+
+
+def calm_decay(ex, t, n):
+    """CALM's decaying threshold: strictest at the first token, easier towards the budget n."""
+    b = ex.dec_beta
+    return b * ex.dec_threshold + (1 - b) * math.exp(-ex.dec_tau * t / n)
+
+
+# Decoder threshold schedules: fn(ex: ExitConfig, t, n) -> Theta(t) for output position t (0-based)
+# of at most n; only called with ex.dec_threshold < 1, and must then stay below 1 (eval.py counts
+# the heads of a head-reading signal at every layer whenever theta < 1).
+DEC_SCHEDULES = {"constant": lambda ex, t, n: ex.dec_threshold, "decay": calm_decay}
+
+# Layer-wise loss weights (Sec. 3.4): fn(n_layers) -> n raw weights >= 0, normalised to sum to 1.
+LOSS_WEIGHTS = {"uniform": lambda n: [1.0] * n,  # the paper's
+                "linear": lambda n: [float(l) for l in range(1, n + 1)],  # deeper layers count more
+                "last": lambda n: [0.0] * (n - 1) + [1.0]}  # the ablation: no layer-wise loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,19 +339,6 @@ class CrossCache:
         return self.kv[j][0][rows_dev], self.kv[j][1][rows_dev]
 
 
-def masked_cosine(a, b, mask=None):
-    """Per-sample cosine between a and b, each flattened over its non-pad tokens (the authors'
-    code flattens the whole batch, padding included, which only means something at batch size 1).
-    a, b: (B, N, C); mask: (B, N) bool, True on real tokens, or None -> (B,) float32."""
-    a, b = a.float(), b.float()
-    if mask is not None:
-        m = mask.unsqueeze(-1).float()
-        a, b = a * m, b * m
-    dot = (a * b).sum((1, 2))
-    norms = a.square().sum((1, 2)) * b.square().sum((1, 2))
-    return dot / norms.sqrt().clamp_min(1e-12)
-
-
 # ----------------------------------------------------------------------------------------------
 # The model.
 
@@ -369,14 +446,14 @@ class MuE(nn.Module):
 
     # -- encoder with exits (Sec. 3.1, 3.2) ------------------------------------------------------
 
-    def run_encoder(self, x, valid, rules, trace=None):
+    def run_encoder(self, x, valid, rules, signal=masked_cosine, trace=None):
         """Run the encoder layers on x: (B, N, C), with valid: (B, N) bool (True on real tokens).
 
         rules: list of (name, tau, token mask (B, N)). A sample exits after layer l when, for
-        every rule, the cosine between its layer-l and layer-(l-1) states over the rule's tokens
-        is above tau: one rule per modality when decomposed, both modalities' rules on the joint
-        sequence. Exited samples leave the working set, so deeper layers never see them.
-        trace: a dict that collects every layer's cosines per rule name (with exits off).
+        every rule, the signal (an ENC_SIGNALS function) of its layer-l and layer-(l-1) states over
+        the rule's tokens is above tau: one rule per modality when decomposed, both modalities'
+        rules on the joint sequence. Exited samples leave the working set, so deeper layers never
+        see them. trace: a dict that collects every layer's signals per rule name (exits off).
         Returns the states (B, N, C), each sample's from its exit layer, and layers run (B,).
         """
         B, L = x.shape[0], len(self.encoder)
@@ -390,7 +467,7 @@ class MuE(nn.Module):
             if (can_exit and l < L) or trace is not None:
                 done = torch.ones(len(rows), dtype=torch.bool, device=x.device)
                 for (name, tau, _), m in zip(rules, token_masks, strict=True):
-                    s = masked_cosine(h_new, h, m)  # (b,)
+                    s = signal(h_new, h, m)  # (b,)
                     done &= s > tau
                     if trace is not None:
                         trace[name].append(s)
@@ -413,21 +490,23 @@ class MuE(nn.Module):
         """Memory for the decoder, LN([image ; text]), with its mask and the encoder layers run.
         exit=None runs every layer. -> (B, M, C), (B, M) bool, (B,), (B,)"""
         ex = exit or ExitConfig()
+        signal = ENC_SIGNALS[ex.enc_criterion].fn
         img, txt = self.embed_image(images), self.embed_text(src)
         img_valid = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)
         txt_valid = src != self.cfg.pad_id
         valid = torch.cat([img_valid, txt_valid], 1)  # (B, M)
         if self.cfg.fusion == "decomposed":
             img, img_layers = self.run_encoder(
-                img, img_valid, [("img", ex.img_threshold, img_valid)], trace)
+                img, img_valid, [("img", ex.img_threshold, img_valid)], signal, trace)
             txt, txt_layers = self.run_encoder(
-                txt, txt_valid, [("txt", ex.txt_threshold, txt_valid)], trace)
+                txt, txt_valid, [("txt", ex.txt_threshold, txt_valid)], signal, trace)
             h = torch.cat([img, txt], 1)
         else:  # joint: one sequence with cross-modal attention, so one depth for both modalities
             is_img = torch.zeros_like(valid)
             is_img[:, :img.shape[1]] = True
             rules = [("img", ex.img_threshold, is_img), ("txt", ex.txt_threshold, valid & ~is_img)]
-            h, img_layers = self.run_encoder(torch.cat([img, txt], 1), valid, rules, trace)
+            h, img_layers = self.run_encoder(torch.cat([img, txt], 1), valid, rules, signal,
+                                             trace)
             txt_layers = img_layers
         return self.enc_ln(h), valid, img_layers, txt_layers
 
@@ -464,11 +543,12 @@ class MuE(nn.Module):
         alone. Step s = 0 reads each row's whole prefix in one pass, and the prefix leaves the
         decoder together with the token its last position predicts, as the authors' code exits
         a VE sample's whole decoder pass at once; each later step reads one generated token.
-        After each decoder layer, a sample whose signal (of its predicting token) beats Theta(s)
-        predicts from that layer and leaves the working set; every deeper layer then gets cache
-        entries for the tokens of this step computed from their exit states (state
-        propagation), and the rest go on. Encoder exits happen in `encode`. Returns the
-        generated tokens only; dec_layers counts per generated token, as the paper does.
+        After each decoder layer, a sample whose signal (DEC_SIGNALS[exit.dec_criterion], of its
+        predicting token) beats Theta(s) predicts from that layer and leaves the working set;
+        every deeper layer then gets cache entries for the tokens of this step computed from
+        their exit states (state propagation), and the rest go on. Encoder exits happen in
+        `encode`. Returns the generated tokens only; dec_layers counts per generated token, as
+        the paper does.
         """
         if self.training:
             raise RuntimeError("call model.eval() before generate: dropout and batch-norm "
@@ -487,6 +567,7 @@ class MuE(nn.Module):
                              f"{P - 1} tokens after bos), got {S!r}")
         memory, valid, img_layers, txt_layers = self.encode(images, src, ex)
         mem_mask = valid[:, None, None, :]  # (B, 1, 1, M)
+        signal = DEC_SIGNALS[ex.dec_criterion]
 
         # Self-attention caches, one (keys, values) pair per layer, each (B, H, T, C/H).
         def empty():
@@ -520,7 +601,7 @@ class MuE(nn.Module):
             K = int(first[rows].max()) + s + 1 if s else P  # cache positions anyone attends to
             self_mask = (torch.arange(K, device=dev) <= slots[:, :, None])[:, None]  # causal
             mask = mem_mask[rows_dev]  # (b, 1, 1, M); these are gathered again when rows leave
-            h = x
+            h, state = x, None  # state: what the signal carries from a layer to the next
             for j, layer in enumerate(self.decoder):
                 h_new = layer.step(h, caches[j], rows_dev, slots, self_mask,
                                    cross.get(j, rows, rows_dev), mask)  # (b, n, C)
@@ -528,17 +609,14 @@ class MuE(nn.Module):
                     predict(rows_dev, self.head(current(h_new)), s, L)
                     break
                 if theta < 1.0:
-                    logits = None
-                    if ex.dec_criterion == "confidence":
-                        logits = self.head(current(h_new))  # (b, V): the predicting token's only
-                        signal = logits.float().softmax(-1).amax(-1)
-                    else:
-                        signal = masked_cosine(current(h_new)[:, None], current(h)[:, None])
-                    done_dev = signal > theta  # (b,)
+                    now = current(h_new)  # (b, C)
+                    logits = self.head(now) if signal.head else None  # (b, V): this token's only
+                    value, state = signal.fn(now, current(h), logits, j + 1, state)
+                    done_dev = value > theta  # (b,)
                     done = done_dev.cpu()  # one host sync per layer, for the compaction
                     if done.any():
                         h_exit, idx = h_new[done_dev], rows_dev[done_dev]  # (e, n, C), (e,)
-                        predict(idx, self.head(current(h_new)[done_dev]) if logits is None
+                        predict(idx, self.head(now[done_dev]) if logits is None
                                 else logits[done_dev], s, j + 1)
                         for deeper in range(j + 1, L):  # state propagation into skipped layers
                             put(caches[deeper], idx, slots[done_dev],
@@ -549,6 +627,7 @@ class MuE(nn.Module):
                         h_new, rows, rows_dev = h_new[keep_dev], rows[keep], rows_dev[keep_dev]
                         slots, at = slots[keep_dev], at[keep_dev]
                         mask, self_mask = mask[keep_dev], self_mask[keep_dev]
+                        state = None if state is None else state[keep_dev]
                 h = h_new
             # Samples that just wrote eos are finished: drop them from the next steps.
             cur = tokens[alive_dev, s]
@@ -583,25 +662,29 @@ class MuE(nn.Module):
     # -- diagnostics and baselines ---------------------------------------------------------------
 
     @torch.inference_mode()
-    def profile(self, images, src, tgt_in):
+    def profile(self, images, src, tgt_in, enc_criterion="cosine"):
         """Every layer's exit signals with nothing skipped (the paper's Fig. 3), teacher-forced.
-        -> dict: "img", "txt": (B, L_enc) cosines to the previous layer (per modality on the
-        joint sequence when fusion="joint"); "dec_sim", "dec_conf": (B, T, L_dec) the decoder's
-        cosines and max-softmax confidences per target position."""
+        -> dict: "img", "txt": (B, L_enc) the encoder signal ENC_SIGNALS[enc_criterion] of each
+        layer (per modality on the joint sequence when fusion="joint"); f"dec_{name}" for every
+        name in DEC_SIGNALS: (B, T, L_dec), that signal at every target position and layer."""
         self.check_inputs(images, src, tgt_in)
         trace = {"img": [], "txt": []}
-        memory, valid, _, _ = self.encode(images, src, trace=trace)
+        memory, valid, _, _ = self.encode(images, src, ExitConfig(enc_criterion=enc_criterion),
+                                          trace)
         mem_mask = valid[:, None, None, :]
         T = tgt_in.shape[1]
         x = self.tok_emb(tgt_in) + self.tgt_pos(torch.arange(T, device=tgt_in.device))
-        dec_sim, dec_conf = [], []
-        for layer in self.decoder:
+        dec = {name: [] for name in DEC_SIGNALS}
+        state = dict.fromkeys(DEC_SIGNALS)  # each signal's memory across layers
+        for l, layer in enumerate(self.decoder, start=1):
             x_new = layer(x, memory, mem_mask)
-            dec_sim.append(F.cosine_similarity(x_new.float(), x.float(), dim=-1))  # (B, T)
-            dec_conf.append(self.head(x_new).float().softmax(-1).amax(-1))
+            logits = self.head(x_new) if any(s.head for s in DEC_SIGNALS.values()) else None
+            for name, sig in DEC_SIGNALS.items():
+                value, state[name] = sig.fn(x_new, x, logits if sig.head else None, l, state[name])
+                dec[name].append(value.float())  # (B, T)
             x = x_new
         return {"img": torch.stack(trace["img"], 1), "txt": torch.stack(trace["txt"], 1),
-                "dec_sim": torch.stack(dec_sim, -1), "dec_conf": torch.stack(dec_conf, -1)}
+                **{f"dec_{name}": torch.stack(v, -1) for name, v in dec.items()}}
 
     def truncated(self, n_enc: int, n_dec: int) -> "MuE":
         """A static shallow model: a copy of the first n_enc encoder and n_dec decoder layers,
@@ -618,7 +701,9 @@ class MuE(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: one file with the weights, the config and whatever plain data the caller adds
-# (tokenizer, step, calibrated thresholds), loadable with torch.load(weights_only=True).
+# (tokenizer, step, calibrated thresholds, the plugins used), loadable with
+# torch.load(weights_only=True). A checkpoint names its plugins but never runs them: loading
+# weights must not run code, so the user passes --plugin again.
 
 
 def save_checkpoint(path, model: MuE, **extra):
@@ -661,10 +746,47 @@ def load_checkpoint(path, device="cpu"):
     if not set(state["config"]) <= known:
         raise ValueError(f"checkpoint {path!r} has config fields this MuEConfig does not know: "
                          f"{sorted(set(state['config']) - known)}")
-    cfg = MuEConfig(**{**state["config"], "resnet_weights": ""})  # the weights are in the file
+    try:
+        cfg = MuEConfig(**{**state["config"], "resnet_weights": ""})  # the weights are in the file
+    except ValueError as e:  # loss weights of a plugin not loaded here, most likely
+        raise ValueError(f"checkpoint {path!r}: {e}{made_with(state)}") from None
     model = MuE(cfg).to(device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path!r} does not match its config: {e}") from e
     return model.eval(), state
+
+
+def made_with(state) -> str:
+    """The end of an error message about a name no registry knows: the files that knew it."""
+    files = state.get("plugins") or []
+    return f" (it was made with --plugin {' --plugin '.join(files)})" if files else ""
+
+
+PLUGINS = {}  # absolute path -> module, for every file load_plugin ran in this process
+
+
+def load_plugin(path):
+    """Run a Python file of yours that registers signals, schedules or loss weights in the dicts
+    at the top of this file (README, "Exercises"). Each file runs once per process, however many
+    times it is named. Any error comes back as a ValueError naming the file and line."""
+    path = os.path.abspath(path)
+    if path in PLUGINS:
+        return PLUGINS[path]
+    if not os.path.isfile(path):
+        raise ValueError(f"plugin {path} does not exist")
+    name = f"mue_plugin{len(PLUGINS)}_{os.path.splitext(os.path.basename(path))[0]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up there
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the file is the user's: say where it broke, in one line
+        del sys.modules[name]
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+        line = e.lineno if isinstance(e, SyntaxError) else lines[-1] if lines else None
+        where = f"{path}, line {line}" if line else path
+        raise ValueError(f"plugin {where}: {type(e).__name__}: {e}") from e
+    PLUGINS[path] = module
+    return module

@@ -5,6 +5,7 @@
     python train.py --resume --out out       # continue out/ckpt.pt with its own settings
     python train.py --task ve --steps 300 --lr 5e-4 --out out/ve
     python train.py --data coco --ann dataset_coco.json --images coco/images --preset gpu
+    python train.py --plugin tests/exercises/entropy_exit.py --dec-criterion entropy  # a plugin
     torchrun --nproc_per_node=4 train.py --preset gpu   # DistributedDataParallel, a shard per rank
 
 One run tells the whole story of the paper: train the unified model with the layer-wise loss
@@ -19,7 +20,9 @@ Every field of MuEConfig and TrainConfig is a flag of the same name (--batch-siz
 --batch_size); a true/false field alone is a switch (--resume means --resume true). The data order
 and the dropout noise of step s depend only on (seed, s), and --resume takes every setting from
 the checkpoint except the flags given with it, so a resumed run gives the losses of the
-uninterrupted one.
+uninterrupted one. --plugin FILE.py (repeatable) runs a file of yours that registers exit signals,
+schedules or loss weights in mue's dicts before any setting is checked; the checkpoint records
+which files, and eval.py asks for them again (README, "Exercises").
 """
 
 import argparse
@@ -40,7 +43,8 @@ from torch.utils.data import DataLoader
 
 import data
 from eval import calibrate, compare, format_table, pick_device, write_json
-from mue import ExitConfig, MuE, MuEConfig, load_checkpoint, save_checkpoint
+from mue import (PLUGINS, ExitConfig, MuE, MuEConfig, load_checkpoint, load_plugin, made_with,
+                 save_checkpoint)
 
 
 @dataclass
@@ -75,9 +79,10 @@ class TrainConfig:
     force: bool = False  # start over even though <out>/ckpt.pt exists (it is replaced)
     report: bool = True  # after training: calibrate the exits, compare with the full model
     target: float = 0.99  # calibration keeps at least this fraction of full-model quality
-    dec_criterion: str = "confidence"  # the report's decoder exit signal: "confidence" (max
-    # softmax) | "similarity" (hidden-state cosine, the authors' code)
+    dec_criterion: str = "confidence"  # the report's decoder exit signal (mue.DEC_SIGNALS):
+    # "confidence" (max softmax) | "similarity" (the authors' hidden-state cosine) | a plugin's
     dec_schedule: str = "constant"  # the report's decoder threshold: "constant" | "decay" (CALM)
+    enc_criterion: str = "cosine"  # the report's encoder exit signal (mue.ENC_SIGNALS)
     val_size: int = 600  # validation samples for calibration (both tasks together, shapes)
     test_size: int = 500  # test samples in the report (shapes: generated)
 
@@ -95,7 +100,7 @@ DERIVED = {"vocab_size", "pad_id", "bos_id", "eos_id"}  # set from the tokenizer
 # What --resume lets a flag change; every other setting is the checkpoint's, given or not.
 KEEP_ON_RESUME = {"steps", "device", "workers", "log_every", "ckpt_every", "out", "resume",
                   "force", "report", "target", "val_size", "test_size", "dec_criterion",
-                  "dec_schedule"}
+                  "dec_schedule", "enc_criterion"}
 
 
 def parser():
@@ -111,6 +116,9 @@ def parser():
             switch = dict(nargs="?", const=True) if kind is _boolean else {}  # --resume alone
             p.add_argument(*flags, dest=f.name, type=kind, default=None, **switch,
                            help=f"{cls.__name__}.{f.name} (default {f.default!r})")
+    p.add_argument("--plugin", action="append", metavar="FILE.py", help="a file that registers "
+                   "exit signals, schedules or loss weights in mue's dicts, run before the "
+                   "settings are checked (README, Exercises); repeatable")
     return p
 
 
@@ -118,6 +126,11 @@ def parse_args(argv=None):
     """-> (MuEConfig, TrainConfig, names the user set). Unknown flags: argparse exits with 2."""
     p = parser()
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    for path in args.pop("plugin", []):  # before anything checks a signal's or weights' name
+        try:
+            load_plugin(path)
+        except ValueError as e:
+            p.error(str(e))
     if args.get("preset") == "auto":  # saying auto is not choosing one
         del args["preset"]
     preset = args.get("preset") or auto_preset(args.get("device", ""))
@@ -173,7 +186,8 @@ def check_train_config(t: TrainConfig):
             and t.weight_decay >= 0 and t.workers >= 0):
         raise ValueError("need lr > 0, 0 <= min-lr <= lr, warmup >= 0, grad-clip > 0, "
                          "weight-decay >= 0, workers >= 0")
-    ExitConfig(dec_criterion=t.dec_criterion, dec_schedule=t.dec_schedule)  # names the field
+    ExitConfig(dec_criterion=t.dec_criterion, dec_schedule=t.dec_schedule,
+               enc_criterion=t.enc_criterion)  # names the field
     if not 0 < t.target <= 1:
         raise ValueError(f"--target must be in (0, 1], got {t.target}")
     if t.resume and t.force:
@@ -278,6 +292,10 @@ def start(mcfg, tcfg, given, device):
     tcfg = replace(saved_t, **{**{n: getattr(tcfg, n) for n in given & KEEP_ON_RESUME},
                                "out": tcfg.out, "device": tcfg.device,  # this machine's
                                "resume": True, "force": False})
+    try:  # the saved settings may name a plugin's signal: find out now, not after training
+        check_train_config(tcfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}{made_with(state)}") from None
     if state["step"] >= tcfg.steps:
         raise ValueError(f"{path} is already at step {state['step']} of --steps {tcfg.steps} "
                          f"(a larger --steps trains it further)")
@@ -320,11 +338,13 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
     model = MuE(mcfg).to(device)
     optimizer = make_optimizer(model, tcfg)
     step, losses, saved_at = 0, [], None  # saved_at: the step of the checkpoint on disk
+    plugins = set(PLUGINS)  # every file that registered something this run's settings may name
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, losses = state["step"], list(state["losses"])
         saved_at = step
+        plugins |= set(state.get("plugins") or [])
     net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -334,7 +354,8 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
         nonlocal saved_at
         if master:
             save_checkpoint(path, model, tokenizer=tok.state_dict(), step=step, losses=losses,
-                            train=asdict(tcfg), optimizer=optimizer.state_dict(), **(extra or {}))
+                            train=asdict(tcfg), optimizer=optimizer.state_dict(),
+                            plugins=sorted(plugins), **(extra or {}))
         saved_at = step
 
     per_rank = tcfg.batch_size // world
@@ -410,7 +431,8 @@ def report(model, tok, val_set, test_set, tcfg, device, losses, train_time, chec
     """Calibrate the exits on val, keep them in the checkpoint, compare on test, write the JSON."""
     model.eval()
     t0 = time.time()
-    base = ExitConfig(dec_criterion=tcfg.dec_criterion, dec_schedule=tcfg.dec_schedule)
+    base = ExitConfig(dec_criterion=tcfg.dec_criterion, dec_schedule=tcfg.dec_schedule,
+                      enc_criterion=tcfg.enc_criterion)
     exits = calibrate(model, val_set, tok, device, target=tcfg.target, base=base)
     checkpoint({"exits": {task: asdict(ex) for task, ex in exits.items()}})
     rows = compare(model, test_set, tok, device, exits)
@@ -418,7 +440,8 @@ def report(model, tok, val_set, test_set, tcfg, device, losses, train_time, chec
     out = {"train": {"steps": len(losses), "seconds": round(train_time, 1),
                      "final_loss": sum(losses[-50:]) / len(losses[-50:]), "losses": losses},
            "eval_seconds": round(time.time() - t0, 1),
-           "exits": {task: asdict(ex) for task, ex in exits.items()}, "rows": rows}
+           "exits": {task: asdict(ex) for task, ex in exits.items()}, "rows": rows,
+           "plugins": sorted(PLUGINS)}
     path = os.path.join(tcfg.out, "report.json")
     write_json(path, out)
     print(f"wrote {os.path.join(tcfg.out, 'ckpt.pt')} and {path} "

@@ -1,4 +1,12 @@
-"""Tiny copies of the real data files, written field for field in their published formats, for
+"""Shared by the tests: the plugins every session loads (the worked example, your solutions), the
+small trained model several test files use, and tiny copies of the real data files.
+
+Plugins. tests/exercises/entropy_exit.py (the worked example) and solutions.py at the repository
+root (your exercises, once you write it; README, "Exercises") are loaded before any test module is
+collected, with any `pytest --plugin FILE.py`, so the oracle tests, parametrized over mue's dicts,
+grade what they register beside the built-in names.
+
+Tiny copies of the real data files, written field for field in their published formats, for
 tests/test_data.py and tests/test_train.py: a loader that disagrees with the published schema
 fails here, not on a user's machine.
 
@@ -18,11 +26,77 @@ worth truncating, and the mean colour says which file a sample came from); one i
 import json
 import os
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+import mue
+from data import ShapesDataset, collate, shapes_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKED_EXAMPLE = ROOT / "tests" / "exercises" / "entropy_exit.py"
+SOLUTIONS = ROOT / "solutions.py"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--plugin", action="append", default=[], metavar="FILE.py",
+                     help="a file that registers exit signals, schedules or loss weights in "
+                          "mue's dicts (solutions.py at the repository root is loaded anyway)")
+
+
+def pytest_configure(config):
+    mine = [SOLUTIONS] if SOLUTIONS.exists() else []
+    for path in [WORKED_EXAMPLE, *mine, *config.getoption("plugin")]:
+        try:
+            mue.load_plugin(path)
+        except ValueError as e:  # a broken solutions.py: one line naming the file, no trace
+            raise pytest.UsageError(str(e)) from None
+
+
+# A registered name that an exercise asks for: the oracle tests parametrized over that dict carry
+# the exercise's marker for it, so `pytest -m exercise_1` runs the oracles on "patience" too.
+EXERCISE_OF = {"entropy": 0, "patience": 1, "tokens": 2, "position": 4}
+
+
+def registered(registry):
+    """pytest parameters, one per name in a registry (sorted), marked with its exercise."""
+    return [pytest.param(name, marks=[getattr(pytest.mark, f"exercise_{EXERCISE_OF[name]}")]
+                         if name in EXERCISE_OF else []) for name in sorted(registry)]
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return shapes_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def trained(tok):
+    """A tiny model (32 wide, 3 + 3 layers, 32-pixel images) after 60 steps on shapes: it says
+    "a blue square ..." and gets about half of the VE answers right, enough for exits to have
+    quality to lose. One thread: tiny models run as fast on one, and the weights do not depend on
+    how many the machine has."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = mue.MuE(mue.MuEConfig(vocab_size=len(tok), d_model=32, n_heads=2, d_ff=64,
+                                  n_enc_layers=3, n_dec_layers=3, image_size=32, dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = ShapesDataset("train", "multi", image_size=32)
+    for step in range(60):
+        b = collate([train[16 * step + i] for i in range(16)], tok)
+        opt.zero_grad()
+        model(b.images, b.src, b.tgt_in, b.targets)[1].backward()
+        opt.step()
+    torch.set_num_threads(before)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data files
 
 
 def jpeg(path, size, colour, seed=0):

@@ -3,7 +3,8 @@ FLOP counter on real generations, the calibration's promise checked by an evalua
 the command line end to end (table, JSON, PNGs, the checkpoint it updates), and its errors.
 
 Models are tiny (32 wide, 3 + 3 layers, 32-pixel images) on the CPU with one thread, seeded. A
-few use a model trained for 60 steps, so that quality is above zero and an exit can cost some.
+few use a model trained for 60 steps (conftest's `trained`), so that quality is above zero and an
+exit can cost some.
 """
 
 import itertools
@@ -22,7 +23,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import eval as ev
-from data import ShapesDataset, collate, shapes_tokenizer
+from data import ShapesDataset, collate
 from mue import ExitConfig, MuE, MuEConfig, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,27 +38,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return shapes_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def trained(tok):
-    """A tiny model after 60 steps on shapes: it says "a blue square ..." and gets about half of
-    the VE answers right, enough for exits to have quality to lose."""
-    torch.manual_seed(0)
-    model = MuE(MuEConfig(vocab_size=len(tok), **TINY))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    train = ShapesDataset("train", "multi", image_size=32)
-    for step in range(60):
-        b = collate([train[16 * step + i] for i in range(16)], tok)
-        opt.zero_grad()
-        model(b.images, b.src, b.tgt_in, b.targets)[1].backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture

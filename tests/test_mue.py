@@ -6,12 +6,16 @@ to separate. Everything runs on the CPU in float32, seeded.
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import registered
 
-from mue import ExitConfig, MuE, MuEConfig, load_checkpoint, masked_cosine, save_checkpoint
+import mue
+from mue import (DEC_SCHEDULES, DEC_SIGNALS, ENC_SIGNALS, LOSS_WEIGHTS, ExitConfig, MuE, MuEConfig,
+                 Signal, load_checkpoint, masked_cosine, save_checkpoint)
 
 TINY = dict(vocab_size=16, d_model=32, n_heads=2, d_ff=64, n_enc_layers=4, n_dec_layers=4,
             image_size=32, max_src_len=12, max_tgt_len=10, dropout=0.0)
@@ -114,16 +118,20 @@ def test_prefix_decoding_equals_greedy_forward(seed):
 
 
 # -- a slow reference for decoding with exits ------------------------------------------------
+# The oracle tests below run for every name in mue's dicts (conftest.registered), the built-in
+# ones, the worked example's and yours: a signal is graded by the same checks. Each check is a
+# function so that test_the_oracles_fail_wrong_signals can show that it fails on a wrong one.
+
+BUILT_IN = ("confidence", "similarity", "cosine")  # where the checks also assert their coverage
 
 
-def slow_encoder_exit(model, x, valid, tau):
-    """One sample, (1, N, C): run every layer, keep the state of the first layer whose cosine to
-    the previous one, over the real tokens flattened, is above tau."""
-    h = x
+def slow_encoder_exit(model, x, tau, signal):
+    """One sample alone, (1, N, C), no padding: run every layer, and keep the state of the first
+    layer whose signal (fn(h_l, h_l-1, mask) on this sample only) is above tau."""
+    h, mask = x, torch.ones(x.shape[:2], dtype=torch.bool)
     for l, layer in enumerate(model.encoder, start=1):
-        h_new = layer(h, valid[:, None, None, :])
-        s = F.cosine_similarity(h_new[valid].flatten(), h[valid].flatten(), dim=0)
-        if tau < 1 and s > tau:
+        h_new = layer(h)
+        if tau < 1 and signal(h_new, h, mask).item() > tau:
             return h_new, l
         h = h_new
     return h, len(model.encoder)
@@ -133,20 +141,18 @@ def slow_generate(model, images, src, T, ex, prefix=None):
     """Decode one sample at a time with no cache: every step re-runs the decoder on all it has
     read, and a token that exited at layer e keeps its exit state as the input of every
     deeper layer, which is exactly what state propagation puts into those layers' caches.
-    The prefix (bos and a prompt) runs the layers of the first token it predicts."""
+    The prefix (bos and a prompt) runs the layers of the first token it predicts. The exit
+    signals are the registered functions, called on this sample's states alone."""
     cfg, L = model.cfg, len(model.decoder)
+    enc, dec = ENC_SIGNALS[ex.enc_criterion].fn, DEC_SIGNALS[ex.dec_criterion]
     out = []
     with torch.no_grad():
         for r in range(images.shape[0]):
             read = [cfg.bos_id] if prefix is None else unpad(prefix, r)[0].tolist()
-            keep = src[r] != cfg.pad_id
-            s = src[r:r + 1, :int(keep.sum())]  # the prompt alone, unpadded
-            img = model.embed_image(images[r:r + 1])
-            txt = model.embed_text(s)
-            img, il = slow_encoder_exit(model, img, torch.ones(img.shape[:2], dtype=torch.bool),
-                                        ex.img_threshold)
-            txt, tl = slow_encoder_exit(model, txt, torch.ones(txt.shape[:2], dtype=torch.bool),
-                                        ex.txt_threshold)
+            img, il = slow_encoder_exit(model, model.embed_image(images[r:r + 1]),
+                                        ex.img_threshold, enc)
+            txt, tl = slow_encoder_exit(model, model.embed_text(unpad(src, r)), ex.txt_threshold,
+                                        enc)
             memory = model.enc_ln(torch.cat([img, txt], 1))
             mem_mask = torch.ones(1, 1, 1, memory.shape[1], dtype=torch.bool)
             exits, new, logits = [L] * (len(read) - 1), [], []  # exits: per position read
@@ -154,15 +160,15 @@ def slow_generate(model, images, src, T, ex, prefix=None):
                 theta = ex.dec_threshold_at(t, T)
                 ids = torch.tensor([read])
                 x = model.tok_emb(ids) + model.tgt_pos(torch.arange(len(read)))
+                state = None
                 for j, layer in enumerate(model.decoder):
                     x_new = layer(x, memory, mem_mask)
                     frozen = torch.tensor([e <= j for e in exits] + [False])[None, :, None]
                     x_new = torch.where(frozen, x, x_new)
-                    if ex.dec_criterion == "confidence":
-                        signal = model.head(x_new[0, -1]).softmax(-1).max()
-                    else:
-                        signal = F.cosine_similarity(x_new[0, -1], x[0, -1], dim=0)
-                    if j == L - 1 or (theta < 1 and signal > theta):
+                    now = x_new[:, -1]  # (1, C): the token that predicts, alone
+                    signal, state = dec.fn(now, x[:, -1], model.head(now) if dec.head else None,
+                                           j + 1, state)
+                    if j == L - 1 or (theta < 1 and signal.item() > theta):
                         break
                     x = x_new
                 logits.append(model.head(x_new[0, -1]))
@@ -177,32 +183,35 @@ def slow_generate(model, images, src, T, ex, prefix=None):
     return out
 
 
-def thresholds_that_split(model, images, src, criterion, prefix=None):
-    """Thresholds at which the batch's exit layers differ across rows (picked from the model's
-    own signal profile, halfway between neighbouring values so that no decision is a tie)."""
+def thresholds_that_split(model, images, src, criterion, prefix=None, enc="cosine"):
+    """Thresholds at which the batch's exit layers differ across rows, picked from the signals
+    of each sample alone (so a signal that reads the other rows shows it): near a quantile,
+    halfway across the widest gap between neighbouring values there, so that float noise
+    decides nothing."""
     if prefix is None:
         prefix = torch.full((len(src), 1), model.cfg.bos_id)
     gen = model.generate(images, src, 5, prefix=prefix)
-    tgt_in = torch.cat([prefix, gen.tokens[:, :-1]], 1)
-    prof = model.profile(images, src, tgt_in)
+    prof = [model.profile(images[r:r + 1], unpad(src, r), torch.cat(
+        [unpad(prefix, r), gen.tokens[r:r + 1, :-1]], 1), enc) for r in range(len(src))]
 
-    def mid(values, q):
-        v = values.flatten().sort().values
-        i = int(q * (len(v) - 1))
-        return ((v[i] + v[i + 1]) / 2).item()
-    dec = prof["dec_conf"] if criterion == "confidence" else prof["dec_sim"]
-    return ExitConfig(img_threshold=mid(prof["img"][:, :-1], 0.5),
-                      txt_threshold=mid(prof["txt"][:, :-1], 0.5),
-                      dec_threshold=mid(dec[:, :, :-1], 0.6), dec_criterion=criterion)
+    def mid(key, q):
+        v = torch.cat([p[key][..., :-1].flatten() for p in prof]).unique()  # sorted
+        if len(v) < 2:  # a constant signal: a threshold at its value never fires
+            return v[0].item()
+        i, w = int(q * (len(v) - 2)), max(1, len(v) // 10)
+        lo, hi = max(0, i - w), min(len(v) - 1, i + w)
+        k = lo + int((v[lo + 1:hi + 1] - v[lo:hi]).argmax())
+        return ((v[k] + v[k + 1]) / 2).item()
+    return ExitConfig(img_threshold=mid("img", 0.5), txt_threshold=mid("txt", 0.5),
+                      dec_threshold=mid(f"dec_{criterion}", 0.6), dec_criterion=criterion,
+                      enc_criterion=enc)
 
 
-@pytest.mark.parametrize("criterion", ["confidence", "similarity"])
-@pytest.mark.parametrize("seed, with_prefix", [(0, False), (1, False), (4, True), (6, True)])
-def test_cached_exits_equal_slow_reference(criterion, seed, with_prefix):
+def check_cached_equals_slow_reference(criterion, seed, with_prefix, enc="cosine"):
     model = make_model(seed)
     images, src = make_batch(seed=seed + 20)
     prefix = make_prefix(seed=seed + 21) if with_prefix else None
-    ex = thresholds_that_split(model, images, src, criterion, prefix)
+    ex = thresholds_that_split(model, images, src, criterion, prefix, enc)
     T = 5 if with_prefix else 10
     gen = model.generate(images, src, T, exit=ex, prefix=prefix, return_logits=True)
     ref = slow_generate(model, images, src, T, ex, prefix)
@@ -213,25 +222,35 @@ def test_cached_exits_equal_slow_reference(criterion, seed, with_prefix):
         torch.testing.assert_close(gen.logits[r, :n], logits, atol=1e-4, rtol=1e-4)
         assert (gen.dec_layers[r, n:] == 0).all()
         assert (gen.img_layers[r].item(), gen.txt_layers[r].item()) == (il, tl)
-    assert len(set(gen.dec_layers[gen.dec_layers > 0].tolist())) > 1, "thresholds split nothing"
-    if with_prefix:  # a prompt that left early is read by a later token that goes deeper
-        d = gen.dec_layers
-        assert ((prefix != 0).sum(1).gt(1) & (d[:, 0] < 4) & (d[:, 1] > d[:, 0])).any()
+    if criterion in BUILT_IN and enc in BUILT_IN:  # the checks reach what they are about
+        assert len(set(gen.dec_layers[gen.dec_layers > 0].tolist())) > 1, "split nothing"
+        if with_prefix:  # a prompt that left early is read by a later token that goes deeper
+            d = gen.dec_layers
+            assert ((prefix != 0).sum(1).gt(1) & (d[:, 0] < 4) & (d[:, 1] > d[:, 0])).any()
 
 
-@pytest.mark.parametrize("schedule", ["constant", "decay"])
-@pytest.mark.parametrize("seed", [0, 3])
-def test_batch_equals_one_by_one(schedule, seed):
+@pytest.mark.parametrize("criterion", registered(DEC_SIGNALS))
+@pytest.mark.parametrize("seed, with_prefix", [(0, False), (1, False), (4, True), (6, True)])
+def test_cached_exits_equal_slow_reference(criterion, seed, with_prefix):
+    check_cached_equals_slow_reference(criterion, seed, with_prefix)
+
+
+@pytest.mark.parametrize("enc", registered(ENC_SIGNALS))
+def test_encoder_exits_equal_slow_reference(enc):
+    check_cached_equals_slow_reference("confidence", 4, True, enc)
+
+
+def check_batch_equals_one_by_one(criterion, schedule, seed, enc="cosine"):
     model = make_model(seed)
     images, src = make_batch(B=8, seed=seed + 30)
     prefix = make_prefix(seed=seed + 31) if seed else None  # prompts of several lengths
-    base = thresholds_that_split(model, images, src, "confidence", prefix)
-    ex = ExitConfig(base.img_threshold, base.txt_threshold, base.dec_threshold,
-                    dec_schedule=schedule)
+    ex = replace(thresholds_that_split(model, images, src, criterion, prefix, enc),
+                 dec_schedule=schedule)
     gen = model.generate(images, src, 5, exit=ex, prefix=prefix)
-    for name in ("img_layers", "txt_layers"):
-        assert len(set(getattr(gen, name).tolist())) > 1, f"{name} equal in every row"
-    assert len(set(gen.dec_layers[gen.dec_layers > 0].tolist())) > 1
+    if criterion in BUILT_IN and enc in BUILT_IN:
+        for name in ("img_layers", "txt_layers"):
+            assert len(set(getattr(gen, name).tolist())) > 1, f"{name} equal in every row"
+        assert len(set(gen.dec_layers[gen.dec_layers > 0].tolist())) > 1
     for r in range(8):
         one = model.generate(images[r:r + 1], unpad(src, r), 5, exit=ex,  # alone, no padding
                              prefix=None if prefix is None else unpad(prefix, r))
@@ -241,18 +260,89 @@ def test_batch_equals_one_by_one(schedule, seed):
         assert (gen.img_layers[r], gen.txt_layers[r]) == (one.img_layers[0], one.txt_layers[0])
 
 
+@pytest.mark.parametrize("criterion", registered(DEC_SIGNALS))
+@pytest.mark.parametrize("schedule, seed", [("constant", 0), ("decay", 3)])
+def test_batch_equals_one_by_one(criterion, schedule, seed):
+    check_batch_equals_one_by_one(criterion, schedule, seed)
+
+
+@pytest.mark.parametrize("schedule", registered(DEC_SCHEDULES))
+def test_batch_equals_one_by_one_with_every_schedule(schedule):
+    check_batch_equals_one_by_one("confidence", schedule, 3)
+
+
+@pytest.mark.parametrize("enc", registered(ENC_SIGNALS))
+def test_batch_equals_one_by_one_with_every_encoder_signal(enc):
+    check_batch_equals_one_by_one("confidence", "constant", 3, enc)
+
+
+def check_unreachable_thresholds_change_nothing(criterion, enc="cosine", seed=0):
+    """Thresholds just above every value the signals take on the full model's own outputs: the
+    signals run at every layer and never fire, so the output is the full model's (a signal
+    that writes into the states it reads fails here)."""
+    model = make_model(seed)
+    images, src = make_batch(seed=seed + 50)
+    tokens, logits = slow_greedy(model, images, src, 8)
+    prof = model.profile(images, src, torch.cat([torch.ones(8, 1, dtype=torch.long),
+                                                 tokens[:, :-1]], 1), enc)
+    top = {k: prof[k][..., :-1].max().item() + 1e-3 for k in ("img", "txt", f"dec_{criterion}")}
+    assert max(top.values()) < 1, (f"the signals reach {top} on these states: no threshold "
+                                   f"below 1 is above them all, so this check cannot run")
+    ex = ExitConfig(top["img"], top["txt"], top[f"dec_{criterion}"], criterion,
+                    enc_criterion=enc)
+    gen = model.generate(images, src, 8, exit=ex, return_logits=True)
+    for r, n in enumerate(ended(tokens, model.cfg.eos_id)):
+        assert torch.equal(gen.tokens[r, :n], tokens[r, :n])
+        torch.testing.assert_close(gen.logits[r, :n], logits[r, :n], atol=1e-5, rtol=1e-5)
+        assert (gen.dec_layers[r, :n] == 4).all()
+    assert (gen.img_layers == 4).all() and (gen.txt_layers == 4).all()
+
+
+@pytest.mark.parametrize("criterion", registered(DEC_SIGNALS))
+def test_unreachable_decoder_threshold_is_the_full_model(criterion):
+    check_unreachable_thresholds_change_nothing(criterion)
+
+
+@pytest.mark.parametrize("enc", registered(ENC_SIGNALS))
+def test_unreachable_encoder_thresholds_are_the_full_model(enc):
+    check_unreachable_thresholds_change_nothing("confidence", enc)
+
+
 # -- exits that must, or must not, happen ----------------------------------------------------
 
 
+@pytest.mark.parametrize("criterion", registered(DEC_SIGNALS))
+def test_lowest_decoder_threshold_exits_where_layer_one_says(criterion):
+    """At the signal's lowest threshold every token runs at least one layer, and the first one
+    leaves after layer 1 exactly where layer 1's signal is above that threshold."""
+    model = make_model(4)
+    images, src = make_batch(seed=4)
+    low = DEC_SIGNALS[criterion].low
+    gen = model.generate(images, src, 10, exit=ExitConfig(dec_threshold=low,
+                                                          dec_criterion=criterion))
+    for r, n in enumerate(ended(gen.tokens, model.cfg.eos_id)):
+        assert (gen.dec_layers[r, :n] >= 1).all() and (gen.dec_layers[r, n:] == 0).all()
+    first = model.profile(images, src, torch.ones(8, 1, dtype=torch.long))[f"dec_{criterion}"]
+    assert torch.equal(gen.dec_layers[:, 0] == 1, first[:, 0, 0] > low)
+    if criterion in BUILT_IN:  # confidence > 0 and cosine > -1: everything leaves at layer 1
+        assert (gen.dec_layers[gen.dec_layers > 0] == 1).all()
+
+
 @pytest.mark.parametrize("fusion", ["decomposed", "joint"])
-def test_threshold_below_every_signal_runs_one_layer(fusion):
+@pytest.mark.parametrize("enc", registered(ENC_SIGNALS))
+def test_lowest_encoder_thresholds_exit_where_layer_one_says(enc, fusion):
     model = make_model(4, fusion=fusion)
     images, src = make_batch(seed=4)
-    for ex in (ExitConfig(-1.0, -1.0, 0.0), ExitConfig(-1.0, -1.0, -1.0, "similarity")):
-        gen = model.generate(images, src, 10, exit=ex)
-        assert (gen.img_layers == 1).all() and (gen.txt_layers == 1).all()
-        produced = gen.dec_layers > 0
-        assert produced[:, 0].all() and (gen.dec_layers[produced] == 1).all()
+    low = ENC_SIGNALS[enc].low
+    gen = model.generate(images, src, 1, exit=ExitConfig(low, low, enc_criterion=enc))
+    prof = model.profile(images, src, torch.ones(8, 1, dtype=torch.long), enc)
+    img, txt = prof["img"][:, 0] > low, prof["txt"][:, 0] > low
+    if fusion == "joint":  # one sequence: it stops when both modalities' rules agree
+        img = txt = img & txt
+    assert torch.equal(gen.img_layers == 1, img) and torch.equal(gen.txt_layers == 1, txt)
+    assert (gen.img_layers >= 1).all() and (gen.txt_layers >= 1).all()
+    if enc in BUILT_IN:
+        assert img.all() and txt.all()
 
 
 def test_one_never_exits_even_with_decay():
@@ -263,17 +353,76 @@ def test_one_never_exits_even_with_decay():
     assert math.isclose(ex.dec_threshold_at(5, 10), 0.95 * 0.99 + 0.05 * math.exp(-0.5))
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_raising_an_encoder_threshold_never_exits_sooner(seed):
+def rising(values, low):
+    """Thresholds from low to 1 through the deciles of a signal's values."""
+    qs = torch.quantile(values.flatten().float(), torch.linspace(0.1, 0.9, 9)).tolist()
+    return sorted({low, 1.0, *(min(max(q, low), 1.0) for q in qs)})
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("enc", registered(ENC_SIGNALS))
+def test_raising_an_encoder_threshold_never_exits_sooner(enc, seed):
     model = make_model(seed)
     images, src = make_batch(seed=seed)
+    prof = model.profile(images, src, torch.ones(8, 1, dtype=torch.long), enc)
     last_img = last_txt = torch.zeros(8, dtype=torch.long)
-    for tau in (-1.0, 0.0, 0.5, 0.8, 0.85, 0.9, 0.95, 1.0):
-        gen = model.generate(images, src, 1, exit=ExitConfig(tau, tau))
+    for tau in rising(torch.cat([prof["img"], prof["txt"]], 1), ENC_SIGNALS[enc].low):
+        gen = model.generate(images, src, 1, exit=ExitConfig(tau, tau, enc_criterion=enc))
         assert (gen.img_layers >= last_img).all() and (gen.txt_layers >= last_txt).all()
         assert ((1 <= gen.img_layers) & (gen.img_layers <= 4)).all()
         last_img, last_txt = gen.img_layers, gen.txt_layers
     assert (last_img == 4).all() and (last_txt == 4).all()
+
+
+@pytest.mark.parametrize("criterion", registered(DEC_SIGNALS))
+def test_raising_the_decoder_threshold_never_exits_sooner(criterion):
+    """For the first token, whose layers see the same states whatever the threshold (later
+    tokens read what earlier ones said, which a threshold changes)."""
+    model = make_model(5)
+    images, src = make_batch(seed=5)
+    prof = model.profile(images, src, torch.ones(8, 1, dtype=torch.long))[f"dec_{criterion}"]
+    last = torch.zeros(8, dtype=torch.long)
+    for theta in rising(prof[:, 0, :-1], DEC_SIGNALS[criterion].low):
+        gen = model.generate(images, src, 1, exit=ExitConfig(dec_threshold=theta,
+                                                             dec_criterion=criterion))
+        assert (gen.dec_layers[:, 0] >= last).all()
+        last = gen.dec_layers[:, 0]
+    assert (last == 4).all()
+
+
+# -- the oracles fail wrong signals ----------------------------------------------------------
+
+
+def batchwise(h, prev, logits, layer, state):
+    """Wrong on purpose: the confidence over the batch's largest, so rows depend on each other."""
+    conf = logits.float().softmax(-1).amax(-1)
+    return conf / conf.max(), None
+
+
+def in_place(h, prev, logits, layer, state):
+    """Wrong on purpose: it halves the state it reads, in place, before its cosine."""
+    return F.cosine_similarity(h.mul_(0.5), prev, dim=-1), None
+
+
+def authors_cosine(h, prev, mask):
+    """The authors' encoder signal: one cosine over the whole batch flattened, padding and all."""
+    return F.cosine_similarity(h.flatten().float(), prev.flatten().float(), 0).expand(len(h))
+
+
+def test_the_oracles_fail_wrong_signals(monkeypatch):
+    monkeypatch.setitem(DEC_SIGNALS, "batchwise", Signal(batchwise, low=0.0, head=True))
+    monkeypatch.setitem(DEC_SIGNALS, "in_place", Signal(in_place, low=-1.0))
+    monkeypatch.setitem(ENC_SIGNALS, "authors", Signal(authors_cosine, low=-1.0))
+    with pytest.raises(AssertionError):
+        check_batch_equals_one_by_one("batchwise", "constant", 0)
+    with pytest.raises(AssertionError):
+        check_cached_equals_slow_reference("batchwise", 0, False)
+    with pytest.raises(AssertionError):
+        check_unreachable_thresholds_change_nothing("in_place")
+    with pytest.raises(AssertionError):
+        check_batch_equals_one_by_one("confidence", "constant", 3, "authors")
+    with pytest.raises(AssertionError):
+        check_cached_equals_slow_reference("confidence", 4, True, "authors")
 
 
 def test_joint_fusion_exits_both_modalities_together():
@@ -307,7 +456,7 @@ def test_compaction_drops_exited_rows_from_deeper_layers():
 
     # The decoder: hooks on each layer's feed-forward block see the working set of the step.
     tgt_in = torch.full((8, 1), model.cfg.bos_id)
-    conf = model.profile(images, src, tgt_in)["dec_conf"][:, 0, 0].sort().values
+    conf = model.profile(images, src, tgt_in)["dec_confidence"][:, 0, 0].sort().values
     ex = ExitConfig(dec_threshold=((conf[3] + conf[4]) / 2).item())
     seen = {}
     hooks = [layer.mlp.register_forward_hook(lambda m, args, out, l=l: seen.setdefault(
@@ -350,7 +499,10 @@ def test_last_layer_weights_are_plain_cross_entropy():
     torch.testing.assert_close(loss, ce)
 
 
-@pytest.mark.parametrize("weights", ["uniform", "linear"])
+BUILT_IN_WEIGHTS = {"uniform": [1.0] * 4, "linear": [1.0, 2.0, 3.0, 4.0], "last": [0, 0, 0, 1.0]}
+
+
+@pytest.mark.parametrize("weights", registered(LOSS_WEIGHTS))
 def test_layerwise_loss_is_the_weighted_sum_over_layers(weights):
     model = make_model(9, loss_weights=weights)
     images, src, tgt_in, targets = teacher_batch(model.cfg)
@@ -363,7 +515,7 @@ def test_layerwise_loss_is_the_weighted_sum_over_layers(weights):
         logp = model.head(x).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
         real = targets != 0
         per_layer.append(-(logp * real).sum() / real.sum())
-    w = torch.tensor([1.0] * 4 if weights == "uniform" else [1.0, 2.0, 3.0, 4.0])
+    w = torch.tensor(BUILT_IN_WEIGHTS.get(weights) or LOSS_WEIGHTS[weights](4))
     torch.testing.assert_close(loss, (torch.stack(per_layer) * w).sum() / w.sum())
 
 
@@ -474,8 +626,11 @@ def test_bad_inputs_name_the_argument():
     (dict(dec_threshold=-0.1), "dec_threshold"),
     (dict(dec_threshold=float("nan")), "dec_threshold"),
     (dict(dec_threshold="0.9"), "dec_threshold"),
-    (dict(dec_criterion="entropy"), "dec_criterion"),
+    (dict(dec_criterion="nonsense"), "dec_criterion"),
     (dict(dec_schedule="linear"), "dec_schedule"),
+    (dict(enc_criterion="nonsense"), "enc_criterion"),
+    (dict(enc_criterion="cosine", img_threshold=-1.5), "img_threshold"),
+    (dict(dec_criterion="similarity", dec_threshold=-1.5), "dec_threshold"),
     (dict(dec_beta=2.0), "dec_beta"),
 ])
 def test_bad_exit_config_names_the_field(kwargs, name):
@@ -491,3 +646,36 @@ def test_bad_exit_config_names_the_field(kwargs, name):
 def test_bad_model_config_names_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
         MuEConfig(**kwargs)
+
+
+def test_loss_weights_of_a_plugin_are_checked_when_the_config_is_made(monkeypatch):
+    monkeypatch.setitem(LOSS_WEIGHTS, "short", lambda n: [1.0] * (n - 1))
+    monkeypatch.setitem(LOSS_WEIGHTS, "negative", lambda n: [-1.0] + [1.0] * (n - 1))
+    for name in ("short", "negative"):
+        with pytest.raises(ValueError, match=rf"LOSS_WEIGHTS\['{name}'\]\(4\) gave"):
+            MuEConfig(**{**TINY, "loss_weights": name})
+
+
+# -- plugins ---------------------------------------------------------------------------------
+
+
+def test_a_plugin_registers_names_once_and_its_errors_name_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(mue, "PLUGINS", {})  # this test's files only, forgotten afterwards
+    monkeypatch.setitem(DEC_SIGNALS, "copy", None)  # restored (removed) after the test
+    good = tmp_path / "mine.py"
+    good.write_text("from mue import DEC_SIGNALS\n"
+                    "DEC_SIGNALS['copy'] = DEC_SIGNALS['similarity']\n"
+                    "RUNS = [1]\n")
+    module = mue.load_plugin(good)
+    assert DEC_SIGNALS["copy"] is DEC_SIGNALS["similarity"] and mue.PLUGINS == {str(good): module}
+    module.RUNS.append(2)
+    assert mue.load_plugin(str(tmp_path / ".." / tmp_path.name / "mine.py")).RUNS == [1, 2]
+    ExitConfig(dec_criterion="copy", dec_threshold=-0.5)  # the new name, with its range
+    (tmp_path / "typo.py").write_text("import math\n\nx = math.tau * undefined\n")
+    (tmp_path / "syntax.py").write_text("def f(:\n")
+    for name, message in (("typo.py", "typo.py, line 3: NameError: name 'undefined'"),
+                          ("syntax.py", "syntax.py, line 1: SyntaxError"),
+                          ("missing.py", "missing.py does not exist")):
+        with pytest.raises(ValueError, match=f"plugin .*{message}"):
+            mue.load_plugin(tmp_path / name)
+    assert list(mue.PLUGINS) == [str(good)]

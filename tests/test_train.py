@@ -47,7 +47,7 @@ def test_flags_override_presets_and_unknown_flags_are_rejected(capsys):
                           (["--preset", "tpu"], "--preset must be auto or one of"),
                           (["--data", "coco"], "needs --ann and --images"),
                           (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
-                          (["--dec-criterion", "entropy"], "dec_criterion must be one of"),
+                          (["--dec-criterion", "nonsense"], "dec_criterion must be one of"),
                           (["--dec-schedule", "linear"], "dec_schedule must be one of"),
                           (["--workers", "-1"], "workers >= 0"),
                           (["--max-src-len", "12"], "--max-src-len >= 18"),
