@@ -44,6 +44,8 @@ annotation naming it (exit status 1 if any).
 """
 
 import argparse
+import ast
+import inspect
 import json
 import os
 import random
@@ -387,6 +389,26 @@ class ShapesDataset(Dataset):
         return Sample(image, sp.src, sp.tgt, sp.refs, sp.task, sp.src if sp.task == "ve" else "")
 
 
+def shapes_settings(text: str) -> dict:
+    """'max_objects=2,p_box=0.3' -> {"max_objects": 2, "p_box": 0.3}: ShapesDataset's settings as
+    train.py's and eval.py's --shapes give them (a distribution shift is a test world drawn with
+    other settings than training's). The names are read off ShapesDataset itself, so a setting
+    you add there (README, "Exercises") is a name here too."""
+    fixed = ("split", "task", "size", "seed", "image_size")  # the command lines set these
+    names = [n for n in inspect.signature(ShapesDataset).parameters if n not in fixed]
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = (w.strip() for w in item.partition("="))
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name] = None  # refused below, with the names
+        if name not in names or not isinstance(out[name], (int, float)):
+            raise ValueError(f"--shapes {item!r}: expected NAME=NUMBER, NAME one of "
+                             f"{', '.join(names)} (ShapesDataset's settings)")
+    return out
+
+
 def shapes_max_tokens() -> tuple[int, int]:
     """The longest prompt, and the longest target with eos, that the shapes grammar writes, in
     tokens: a VE prompt around a relation of two three-word descriptions, and a caption of
@@ -618,9 +640,11 @@ class SnliVE(AnnotatedImages):
 
 def load_split(source: str, split: str, ann: str = "", images: str = "", image_size: int = 64,
                task: str = "multi", seed: int = 0, size: int | None = None, premise: bool = True,
-               max_src_len: int = 32, max_tgt_len: int = 32, must_exist: bool = True) -> Dataset:
+               max_src_len: int = 32, max_tgt_len: int = 32, must_exist: bool = True,
+               shapes: str = "") -> Dataset:
     """One split ("train", "val" or "test") of a data source, its first `size` samples (all if
-    None): "shapes" (task, seed), "coco" (ann: dataset_coco.json) or "snli_ve" (ann: the folder of
+    None): "shapes" (task, seed, and other ShapesDataset settings in `shapes`, as
+    shapes_settings reads them), "coco" (ann: dataset_coco.json) or "snli_ve" (ann: the folder of
     snli_ve_{train,dev,test}.jsonl, or a path with "{split}"; val is SNLI-VE's dev; premise: see
     SnliVE). Real texts are cut to fit max_src_len and max_tgt_len (the model's), and counted.
     must_exist=False lists missing images instead of refusing them (data.py --check). train.py
@@ -628,9 +652,12 @@ def load_split(source: str, split: str, ann: str = "", images: str = "", image_s
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     if source == "shapes":
-        return ShapesDataset(split, task, size=size, seed=seed, image_size=image_size)
+        return ShapesDataset(split, task, size=size, seed=seed, image_size=image_size,
+                             **shapes_settings(shapes))
     if source not in ("coco", "snli_ve"):
         raise ValueError(f"unknown data source {source!r}: expected shapes, coco or snli_ve")
+    if shapes:
+        raise ValueError(f"--shapes sets the shapes world, not {source}")
     if not (ann and images):
         raise ValueError(f"data {source} needs an annotation path and an image folder")
     if source == "coco":  # the decoder reads bos + the caption: max_tgt_len - 1 words

@@ -668,8 +668,9 @@ def pick_device(name: str) -> str:
 
 
 def datasets(args, train: dict, cfg):
-    """(val, test) of the data the checkpoint was trained on, or as the flags say. train.py
-    saves absolute paths; an older checkpoint's relative ones are read from the current folder."""
+    """(val, test) of the data the checkpoint was trained on, or as the flags say (--shapes: the
+    test scenes only). train.py saves absolute paths; an older checkpoint's relative ones are
+    read from the current folder."""
     source = args.data or train.get("data", "shapes")
     ann, images = args.ann or train.get("ann"), args.images or train.get("images")
     for flag, path in (("--ann", ann), ("--images", images)):
@@ -682,7 +683,9 @@ def datasets(args, train: dict, cfg):
                    seed=train.get("seed", 0) if args.seed is None else args.seed,
                    premise=train.get("premise", False),  # absent: trained before the premise
                    max_src_len=cfg.max_src_len, max_tgt_len=cfg.max_tgt_len)
-    return load("val", size=args.n_val), load("test", size=args.n)
+    world = train.get("shapes", "")
+    return (load("val", size=args.n_val, shapes=world),
+            load("test", size=args.n, shapes=",".join(filter(None, [world, args.shapes]))))
 
 
 def write_json(path, obj):
@@ -723,6 +726,9 @@ def parser():
     p.add_argument("--ann", help="coco: Karpathy json; snli_ve: folder or '{split}' pattern")
     p.add_argument("--images", help="image folder (coco, snli_ve)")
     p.add_argument("--seed", type=int, help="shapes seed (default: the checkpoint's)")
+    p.add_argument("--shapes", help="shapes: draw the test scenes with these settings over the "
+                   "checkpoint's, e.g. max_objects=4 (a distribution shift); calibration keeps "
+                   "the checkpoint's world")
     p.add_argument("--n", type=positive, help="test samples, the first n of the split over all "
                    "tasks (default: train.py's test_size, else 500)")
     p.add_argument("--n-val", type=positive, help="val samples for --calibrate (default: "

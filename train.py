@@ -57,6 +57,8 @@ class TrainConfig:
     ann: str = ""  # coco: dataset_coco.json (Karpathy split); snli_ve: folder of the .jsonl files
     images: str = ""  # coco: the image folder; snli_ve: the Flickr30k image folder
     task: str = "multi"  # shapes only: "multi" (both tasks, the default) | "caption" | "ve"
+    shapes: str = ""  # shapes only: other settings of its world, e.g. "max_objects=2,p_box=0.3"
+    # (data.ShapesDataset's; eval.py --shapes draws its test scenes otherwise: a shift)
     premise: bool = True  # snli_ve: the prompt reads the premise caption too (the authors'
     # --add-caption); false: the hypothesis alone, the image its only premise
     min_count: int = 6  # real data: words seen fewer times in train read as <unk> (6 keeps what
@@ -175,6 +177,9 @@ def check_train_config(t: TrainConfig):
         raise ValueError(f"--data must be shapes, coco or snli_ve, got {t.data!r}")
     if t.data != "shapes" and not (t.ann and t.images):
         raise ValueError(f"--data {t.data} needs --ann and --images (nothing is downloaded)")
+    if t.shapes and t.data != "shapes":
+        raise ValueError(f"--shapes sets the shapes world, not {t.data}")
+    data.ShapesDataset(**data.shapes_settings(t.shapes))  # names and values, before any step
     if t.task not in ("multi", "caption", "ve"):
         raise ValueError(f"--task must be multi, caption or ve, got {t.task!r}")
     if t.device and not re.fullmatch(r"cpu|cuda(:\d+)?", t.device):  # a usage error: exit 2
@@ -202,7 +207,7 @@ def datasets(t: TrainConfig, m: MuEConfig, tok=None):
     """-> train, val, test datasets and the tokenizer (from the training texts unless given)."""
     load = partial(data.load_split, t.data, ann=t.ann, images=t.images, image_size=m.image_size,
                    task=t.task, seed=t.seed, premise=t.premise, max_src_len=m.max_src_len,
-                   max_tgt_len=m.max_tgt_len)
+                   max_tgt_len=m.max_tgt_len, shapes=t.shapes)
     train, val, test = load("train"), load("val", size=t.val_size), load("test", size=t.test_size)
     if tok is None:
         tok = (data.shapes_tokenizer() if t.data == "shapes"

@@ -736,6 +736,20 @@ def test_load_split_picks_the_source_and_caps_the_size(coco_files, snli_files):
         data.load_split("shapes", "dev")
 
 
+def test_shapes_settings_come_from_the_command_line_by_name():
+    assert data.shapes_settings(" max_objects=2, p_box=0.25,") == {"max_objects": 2, "p_box": 0.25}
+    assert data.shapes_settings("") == {}
+    for bad in ("colour=red", "max_objects", "max_objects=two", "seed=3", "p_box=[1]"):
+        with pytest.raises(ValueError, match="expected NAME=NUMBER, NAME one of max_objects"):
+            data.shapes_settings(bad)
+    few = data.load_split("shapes", "test", task="caption", size=40, shapes="max_objects=2,p_box=0")
+    scenes = [few.scene(i) for i in range(40)]
+    assert all(len(s.objects) <= 2 and s.box is None for s in scenes)
+    assert {len(s.objects) for s in scenes} == {1, 2}
+    with pytest.raises(ValueError, match="sets the shapes world, not coco"):
+        data.load_split("coco", "val", "a.json", "images", shapes="p_box=0")
+
+
 def test_check_lists_every_bad_image_with_its_annotation(coco_files, capsys):
     f, log = coco_files, []
     assert data.check("coco", str(f.ann), str(f.images), min_count=2, log=log.append) == 0

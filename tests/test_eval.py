@@ -23,6 +23,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import eval as ev
+import mue
+from conftest import WORKED_EXAMPLE
 from data import ShapesDataset, collate
 from mue import ExitConfig, MuE, MuEConfig, save_checkpoint
 
@@ -398,6 +400,34 @@ def test_each_checkpoint_and_task_says_where_its_thresholds_come_from(ckpt, tmp_
     assert mue[("ve", "MuE")] == asdict(ve)
     for task in ("caption", "ve"):
         assert mue[(task, "other.pt: MuE")] == asdict(ev.PAPER_EXITS[task])
+
+
+def test_shapes_flag_draws_the_test_scenes_otherwise_and_calibration_keeps_the_world(trained):
+    args = ev.parser().parse_args(["--ckpt", "x.pt", "--shapes", "p_box=0", "--n", "40",
+                                   "--n-val", "40"])
+    val, test = ev.datasets(args, {"task": "caption", "shapes": "max_objects=2"}, trained.cfg)
+    for ds, boxes in ((val, True), (test, False)):
+        scenes = [ds.scene(i) for i in range(40)]
+        assert all(len(s.objects) + (s.box is not None) <= 2 for s in scenes)
+        assert any(s.box for s in scenes) == boxes
+
+
+def test_a_checkpoint_calibrated_with_a_plugins_signal_asks_for_the_plugin(ckpt, monkeypatch,
+                                                                           capsys):
+    state = torch.load(ckpt, weights_only=True)
+    entropy = asdict(ExitConfig(0.9, 0.9, 0.5, "entropy"))
+    torch.save({**state, "exits": {"ve": entropy}, "plugins": [str(WORKED_EXAMPLE)]}, ckpt)
+    monkeypatch.delitem(mue.DEC_SIGNALS, "entropy")  # as in a process that did not load it
+    quick = ["--ckpt", str(ckpt), "--n", "4", "--no-timing", "--no-figures"]
+    assert ev.main(quick) == 1
+    assert capsys.readouterr().err == (
+        f"eval.py: error: {ckpt} was calibrated with dec_criterion entropy: pass --plugin FILE "
+        f"that registers it in mue.DEC_SIGNALS (it was made with --plugin {WORKED_EXAMPLE})\n")
+    assert ev.main(quick + ["--criterion", "nonsense"]) == 1
+    assert "dec_criterion must be one of ('confidence', 'similarity'" in capsys.readouterr().err
+    monkeypatch.setattr(mue, "PLUGINS", {})  # so that --plugin runs the file again here
+    assert ev.main(quick + ["--plugin", str(WORKED_EXAMPLE)]) == 0
+    assert "ve 0.9/0.9/0.5 from checkpoint (calibrated)" in capsys.readouterr().out
 
 
 def test_counts_below_one_are_usage_errors(capsys):

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import truncate
+from conftest import WORKED_EXAMPLE, truncate
 
 import data
 import mue
@@ -50,12 +50,31 @@ def test_flags_override_presets_and_unknown_flags_are_rejected(capsys):
                           (["--dec-criterion", "nonsense"], "dec_criterion must be one of"),
                           (["--dec-schedule", "linear"], "dec_schedule must be one of"),
                           (["--workers", "-1"], "workers >= 0"),
+                          (["--shapes", "colour=red"], "--shapes 'colour=red': expected NAME"),
+                          (["--shapes", "max_objects=9"], "max_objects=9"),
+                          (["--data", "coco", "--ann", "a", "--images", "b", "--shapes",
+                            "p_box=0"], "sets the shapes world, not coco"),
+                          (["--plugin", "missing.py"], "missing.py does not exist"),
                           (["--max-src-len", "12"], "--max-src-len >= 18"),
                           (["--resume", "--force"], "pick one"),
                           (["--resume", "1", "--force", "1"], "pick one")):
         with pytest.raises(SystemExit) as e:
             train.parse_args(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_plugin_run_is_recorded_and_resuming_without_it_names_the_file(tmp_path, monkeypatch,
+                                                                        capsys):
+    out = tmp_path / "run"
+    assert run(out, "--steps", "1", "--plugin", str(WORKED_EXAMPLE), "--dec-criterion",
+               "entropy") == 0
+    state = saved(out)
+    assert str(WORKED_EXAMPLE) in state["plugins"] and state["train"]["dec_criterion"] == "entropy"
+    monkeypatch.delitem(mue.DEC_SIGNALS, "entropy")  # as in a process that did not load it
+    assert run(out, "--resume", "--steps", "2") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"train.py: error: {out / 'ckpt.pt'}: dec_criterion must be one of")
+    assert "got 'entropy' (it was made with --plugin " in err and str(WORKED_EXAMPLE) in err
 
 
 def test_auto_preset_is_gpu_with_a_cuda_gpu_and_says_why(monkeypatch):
