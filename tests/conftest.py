@@ -95,6 +95,16 @@ def trained(tok):
     return model.eval()
 
 
+@pytest.fixture
+def ckpt(trained, tok, tmp_path):
+    """`trained` as train.py would have saved it, in a folder of its own."""
+    path = tmp_path / "ckpt.pt"
+    mue.save_checkpoint(path, trained, tokenizer=tok.state_dict(), step=60,
+                        train={"task": "multi", "seed": 0, "image_size": 32, "data": "shapes"},
+                        optimizer={"lr": 3e-3})
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Real data files
 

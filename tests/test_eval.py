@@ -42,15 +42,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def ckpt(trained, tok, tmp_path):
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, trained, tokenizer=tok.state_dict(), step=60,
-                    train={"task": "multi", "seed": 0, "image_size": 32, "data": "shapes"},
-                    optimizer={"lr": 3e-3})
-    return path
-
-
 def widened(seed=0, **overrides):
     """A random tiny model with wide weights, so that its exit signals spread (as in test_mue)."""
     torch.manual_seed(seed)
