@@ -230,7 +230,7 @@ def check_cached_equals_slow_reference(criterion, seed, with_prefix, enc="cosine
 
 
 @pytest.mark.parametrize("criterion", registered(DEC_SIGNALS))
-@pytest.mark.parametrize("seed, with_prefix", [(0, False), (1, False), (4, True), (6, True)])
+@pytest.mark.parametrize("seed, with_prefix", [(0, False), (4, True), (6, True)])
 def test_cached_exits_equal_slow_reference(criterion, seed, with_prefix):
     check_cached_equals_slow_reference(criterion, seed, with_prefix)
 
@@ -273,7 +273,7 @@ def test_batch_equals_one_by_one_with_every_schedule(schedule):
 
 @pytest.mark.parametrize("enc", registered(ENC_SIGNALS))
 def test_batch_equals_one_by_one_with_every_encoder_signal(enc):
-    check_batch_equals_one_by_one("confidence", "constant", 3, enc)
+    check_batch_equals_one_by_one("similarity", "constant", 3, enc)
 
 
 def check_unreachable_thresholds_change_nothing(criterion, enc="cosine", seed=0):
@@ -305,7 +305,7 @@ def test_unreachable_decoder_threshold_is_the_full_model(criterion):
 
 @pytest.mark.parametrize("enc", registered(ENC_SIGNALS))
 def test_unreachable_encoder_thresholds_are_the_full_model(enc):
-    check_unreachable_thresholds_change_nothing("confidence", enc)
+    check_unreachable_thresholds_change_nothing("similarity", enc)
 
 
 # -- exits that must, or must not, happen ----------------------------------------------------
