@@ -64,8 +64,7 @@ class MuEConfig:
     max_src_len: int = 32  # longest prompt, in tokens
     max_tgt_len: int = 32  # longest target / generated text, in tokens (eos included)
     fusion: str = "decomposed"  # "decomposed": image and text apart (MuE); "joint": one sequence
-    loss_weights: str = "uniform"  # decoder layer-wise loss, a name in LOSS_WEIGHTS: "uniform" |
-    # "linear" | "last" (the ablation without it) | what a plugin registers
+    loss_weights: str = "uniform"  # decoder layer-wise loss: a name in LOSS_WEIGHTS
     pad_id: int = 0  # padding token (ignored by attention and by the loss)
     bos_id: int = 1  # first decoder input
     eos_id: int = 2  # ends a generated sequence
@@ -101,16 +100,11 @@ class MuEConfig:
 
 @dataclass(frozen=True)
 class ExitConfig:
-    """When each part of the model stops (Sec. 3.2, 3.3). Thresholds >= 1 never exit.
-
-    A layer exits when its signal > the threshold (strict). The signals are named: the encoder's
-    in ENC_SIGNALS (default: the cosine to the previous layer, in [-1, 1]), the decoder's in
-    DEC_SIGNALS ("confidence", a probability in [0, 1], or "similarity", a cosine); each says
-    the lowest threshold that means anything. The decoder threshold at output position t
-    (0-based) of at most N tokens is Theta(t) = DEC_SCHEDULES[dec_schedule](self, t, N):
-    "constant", or "decay", Theta(t) = beta * theta + (1 - beta) * exp(-tau * t / N) (CALM;
-    paper: theta=0.99, beta=0.95, tau=1); a theta >= 1 still means "never", whatever the schedule.
-    """
+    """When each part of the model stops (Sec. 3.2, 3.3): after the first layer whose signal
+    (ENC_SIGNALS[enc_criterion], DEC_SIGNALS[dec_criterion]) is above the threshold, strictly.
+    A threshold >= 1 never exits, whatever the schedule. The decoder's threshold at output
+    position t (0-based) of at most N tokens is Theta(t) = DEC_SCHEDULES[dec_schedule](self, t, N)
+    (the paper: "decay" with theta=0.99, beta=0.95, tau=1)."""
 
     img_threshold: float = 1.0  # tau_img: image tokens stop after layer l if their signal > it
     txt_threshold: float = 1.0  # tau_txt: the same for the text tokens
@@ -147,12 +141,11 @@ def _check_choice(name, value, choices, registry=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Exit signals, threshold schedules and loss weights. Each dict maps a name (what ExitConfig,
-# MuEConfig and the command lines take) to a function; the built-in ones sit in it, and a new
-# one is a function and a line `DEC_SIGNALS["mine"] = Signal(mine, low=0.0)` in any file that
-# train.py / eval.py load with --plugin (tests/exercises/entropy_exit.py is a worked example).
-# The tests then grade it like the built-in ones: never-exit is the full model, a batch equals
-# its samples one by one, the cached decoder equals a slow recompute.
+# Exit signals, threshold schedules and loss weights: where to add a variant. Each dict maps a
+# name (what ExitConfig, MuEConfig and the command lines take) to a function, the built-in ones
+# first. A new one is a function and a line, `DEC_SIGNALS["mine"] = Signal(mine, low=0.0)`, in a
+# file that train.py / eval.py load with --plugin (tests/exercises/entropy_exit.py is a worked
+# example); the oracle tests then grade it as they grade the built-in ones.
 
 
 @dataclass(frozen=True)
@@ -207,7 +200,8 @@ DEC_SIGNALS = {"confidence": Signal(confidence, low=0.0, head=True),
 
 
 def calm_decay(ex, t, n):
-    """CALM's decaying threshold: strictest at the first token, easier towards the budget n."""
+    """CALM's Theta(t) = beta * theta + (1 - beta) * exp(-tau * t / n): strictest at the first
+    token, easier towards the budget n."""
     b = ex.dec_beta
     return b * ex.dec_threshold + (1 - b) * math.exp(-ex.dec_tau * t / n)
 
