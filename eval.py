@@ -12,9 +12,12 @@ time shows up as a ratio below 1.
     python eval.py --ckpt out/ckpt.pt --calibrate --target 0.99   # thresholds from val, stored
     python eval.py --ckpt out/ckpt.pt --sweep                     # threshold grid, trade-off PNG
     python eval.py --ckpt out/ckpt.pt --ablation out/joint.pt --ablation out/last.pt
+    python eval.py --ckpt out/ckpt.pt --plugin tests/exercises/entropy_exit.py --criterion entropy
 
-Writes under --out, by default the checkpoint's folder: profiles.png (the paper's Fig. 3: each
-layer's cosine to the one below it), exits.png (where the image, the text and each generated word
+--plugin FILE.py runs a file that registers exit signals or schedules in mue's dicts first, so
+--criterion, --enc-criterion and --schedule take its names (README, "Exercises"). Writes under
+--out, by default the checkpoint's folder: profiles.png (the paper's Fig. 3: every exit signal of
+every layer, nothing skipped), exits.png (where the image, the text and each generated word
 exited), words.png (a few captions, word by layer) and, with --sweep, sweep.png. --json PATH gets
 every number of the tables.
 """
@@ -738,8 +741,9 @@ def parser():
     p.add_argument("--repeats", type=positive, default=3, help="timed runs per unit (median)")
     p.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
     p.add_argument("--threads", type=positive, help="torch CPU threads (1: faster on a busy CPU)")
-    p.add_argument("--img", type=float, help="image threshold, all tasks (cosine, [-1, 1])")
-    p.add_argument("--txt", type=float, help="text threshold, all tasks (cosine, [-1, 1])")
+    p.add_argument("--img", type=float, help="image threshold, all tasks ([-1, 1] for the "
+                   "cosine)")
+    p.add_argument("--txt", type=float, help="text threshold, all tasks ([-1, 1] for the cosine)")
     p.add_argument("--dec", type=float, help="decoder threshold, all tasks")
     # The names come from mue's dicts once the plugins are loaded, so ExitConfig checks them.
     p.add_argument("--criterion", help="decoder signal, a name in mue.DEC_SIGNALS: "
@@ -770,8 +774,9 @@ def parser():
 FLAG_FIELDS = {**KNOB_FIELDS, "criterion": "dec_criterion", "schedule": "dec_schedule",
                "beta": "dec_beta", "tau": "dec_tau",
                "enc_criterion": "enc_criterion"}  # eval.py's flag -> ExitConfig field
-REGISTRIES = {"dec_criterion": ("DEC_SIGNALS", DEC_SIGNALS), "dec_schedule": ("DEC_SCHEDULES",
-              DEC_SCHEDULES), "enc_criterion": ("ENC_SIGNALS", ENC_SIGNALS)}
+REGISTRIES = {"dec_criterion": ("DEC_SIGNALS", DEC_SIGNALS),  # ExitConfig field -> mue's dict
+              "dec_schedule": ("DEC_SCHEDULES", DEC_SCHEDULES),
+              "enc_criterion": ("ENC_SIGNALS", ENC_SIGNALS)}
 
 
 def check_registered(path, state, flags):
@@ -833,7 +838,7 @@ def evaluate(args) -> int:
         return 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    # The decoder's signal and schedule for --calibrate and --sweep: the flags, else train.py's.
+    # The signals and the schedule for --calibrate and --sweep: the flags, else train.py's.
     base = ExitConfig(**{"dec_criterion": train.get("dec_criterion", "confidence"),
                          "dec_schedule": train.get("dec_schedule", "constant"),
                          "enc_criterion": train.get("enc_criterion", "cosine"),

@@ -281,6 +281,7 @@ def test_report_calibrates_stores_thresholds_and_writes_json(tmp_path, capsys):
     names = {(r["task"], r["name"]) for r in report["rows"]}
     assert {("caption", "full"), ("caption", "MuE"), ("ve", "full"), ("ve", "MuE")} <= names
     assert report["train"]["steps"] == 4 and report["train"]["losses"] == state["losses"]
+    assert report["plugins"] == state["plugins"] == sorted(mue.PLUGINS)  # the worked example
     assert "MuE" in printed and "report.json" in printed
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "report.json"]
 
