@@ -1,10 +1,10 @@
 """Shared by the tests: the plugins every session loads (the worked example, your solutions), the
 small trained model several test files use, and tiny copies of the real data files.
 
-Plugins. tests/exercises/entropy_exit.py (the worked example) and solutions.py at the repository
-root (your exercises, once you write it; README, "Exercises") are loaded before any test module is
-collected, with any `pytest --plugin FILE.py`, so the oracle tests, parametrized over mue's dicts,
-grade what they register beside the built-in names.
+Plugins. tests/exercises/entropy_exit.py (the worked example), solutions.py at the repository
+root (yours, once you write it; README, "Exercises") and any `pytest --plugin FILE.py` are loaded
+before any test module is collected, so the oracle tests, parametrized over mue's dicts, grade
+what they register beside the built-in names.
 
 Tiny copies of the real data files, written field for field in their published formats, for
 tests/test_data.py and tests/test_train.py: a loader that disagrees with the published schema
@@ -59,7 +59,7 @@ def pytest_configure(config):
 
 # A registered name that an exercise asks for: the oracle tests parametrized over that dict carry
 # the exercise's marker for it, so `pytest -m exercise_1` runs the oracles on "patience" too.
-EXERCISE_OF = {"entropy": 0, "patience": 1, "tokens": 2, "position": 4}
+EXERCISE_OF = {"entropy": 0, "patience": 1, "tokens": 2, "position": 4, "learned": 5}
 
 
 def registered(registry):
