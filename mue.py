@@ -18,10 +18,10 @@ What this file implements, by section of the paper:
 - Sec. 3.4 layer-wise task loss: every decoder layer predicts through the shared final LayerNorm
   and the tied LM head, and the loss is a weighted sum over layers.
 
-The exits follow README.md's "Faithfulness": per sample, strict `>`,
-at least one layer, rows that exited are dropped from the working set (so skipped layers cost
-nothing), and a token that exits the decoder early still leaves keys and values in every deeper
-layer's cache (CALM-style state propagation), so later tokens see a complete cache.
+The exits follow README.md's "Faithfulness": per sample, strict `>`, at least one layer, rows
+that exited are dropped from the working set (so skipped layers cost nothing), and a token that
+exits the decoder early still leaves keys and values in every deeper layer's cache (CALM-style
+state propagation), so later tokens see a complete cache.
 
 Read top to bottom: MuEConfig, ExitConfig, the exit signals, threshold schedules and loss weights
 (plain dicts from a name to a function: the places to add a variant, from a file of your own that
