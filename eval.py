@@ -25,6 +25,7 @@ every number of the tables.
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import statistics
@@ -58,27 +59,31 @@ def words(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", "", text.lower()).split())
 
 
-def caption_scores(preds: list[str], refs: list[list[str]]) -> tuple[float, float]:
-    """Corpus BLEU-4 and CIDEr-D, raw (BLEU in [0, 1], CIDEr-D up to 10). CIDEr-D takes its idf
-    from the references of the scored set, so it compares configurations on the same samples
-    only, which is how this file uses it."""
+def caption_scores(preds: list[str], refs: list[list[str]]) -> tuple[float, float, list]:
+    """Corpus BLEU-4 and CIDEr-D, raw (BLEU in [0, 1], CIDEr-D up to 10), and each sample's
+    CIDEr-D (their mean is the corpus score). CIDEr-D takes its idf from the references of the
+    scored set, so it compares configurations on the same samples only, as this file does."""
     gts = {i: [words(r) for r in rs] for i, rs in enumerate(refs)}
     res = {i: [words(p)] for i, p in enumerate(preds)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, _ = Cider().compute_score(gts, res)
-    return float(bleu[3]), float(cider)
+    cider, each = Cider().compute_score(gts, res)
+    return float(bleu[3]), float(cider), [float(c) for c in each]
 
 
-def quality(task: str, preds: list[str], refs: list[list[str]]) -> dict:
+def quality(task: str, preds: list[str], refs: list[list[str]], per_sample=False) -> dict:
     """In percent, as papers print them. "quality" is what retention is computed on: VE
-    accuracy (the answer against refs[0]) or CIDEr-D."""
+    accuracy (the answer against refs[0]) or CIDEr-D; per_sample adds each sample's share of it
+    ("per_sample", a list whose mean is the quality), which calibration's bound needs."""
     if task == "ve":
-        acc = 100 * sum(words(p) == words(r[0]) for p, r in zip(preds, refs, strict=True))
-        return {"quality": acc / len(preds), "accuracy": acc / len(preds)}
-    if task == "caption":
-        bleu, cider = caption_scores(preds, refs)
-        return {"quality": 100 * cider, "cider": 100 * cider, "bleu4": 100 * bleu}
-    raise ValueError(f"unknown task {task!r}: expected 'caption' or 've'")
+        each = [100.0 * (words(p) == words(r[0])) for p, r in zip(preds, refs, strict=True)]
+        q = {"quality": statistics.fmean(each), "accuracy": statistics.fmean(each)}
+    elif task == "caption":
+        bleu, cider, each = caption_scores(preds, refs)
+        q, each = {"quality": 100 * cider, "cider": 100 * cider, "bleu4": 100 * bleu}, [
+            100 * c for c in each]
+    else:
+        raise ValueError(f"unknown task {task!r}: expected 'caption' or 've'")
+    return {**q, "per_sample": each} if per_sample else q
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,69 +292,87 @@ def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]
 
 
 def calibrate(model, val_set, tok, device, target=0.99, batch_size=32, n=None, base=None,
-              levels=(0.95, 0.85, 0.7, 0.5, 0.3, 0.1), log=print) -> dict[str, ExitConfig]:
+              levels=(0.95, 0.85, 0.7, 0.5, 0.3, 0.1), log=print, z=1.645
+              ) -> dict[str, ExitConfig]:
     """Per task in the first n samples of val_set: the thresholds keeping at least `target` x the
-    full model's quality there, with the largest FLOP-weighted saving. base carries the decoder
+    full model's quality there, with 95% confidence (z: see kept_bound; 0 trusts the val
+    estimate as it is), with the largest FLOP-weighted saving. base carries the decoder
     criterion and schedule; its thresholds are ignored."""
     if not 0 < target <= 1:
         raise ValueError(f"target must be in (0, 1], got {target}")
     data = prepare(val_set, tok, model.cfg, n, batch_size, device)
-    return {task: calibrate_task(model, task, td, tok, target, base or ExitConfig(), levels, log)
-            for task, td in data.items()}
+    return {task: calibrate_task(model, task, td, tok, target, base or ExitConfig(), levels, log,
+                                 z) for task, td in data.items()}
 
 
-def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log) -> ExitConfig:
-    """Coordinate search, then a joint check. Each knob (image, text, decoder) is tried alone at
-    every candidate and keeps its passing candidate with the largest saving; the combination is
-    then run, and while it misses the target, the knob whose own choice lost the most quality
-    steps back to its next passing candidate (the full model always passes). About 20 runs over
-    the val subset instead of a grid's hundreds: the knobs' losses roughly add up, so the joint
-    check rarely needs more than a step or two."""
+def kept_bound(each, full_each, z) -> float:
+    """A one-sided lower confidence bound on a configuration's quality, from the same samples
+    run by the full model: the full model's quality plus the mean paired difference, less z
+    standard errors of that mean (z = 1.645: 95%). A configuration that changes few answers has
+    a tight bound; one that trades many wins for many losses has a loose one."""
+    d = [a - b for a, b in zip(each, full_each, strict=True)]
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    return statistics.fmean(full_each) + statistics.fmean(d) - z * se
+
+
+def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log, z) -> ExitConfig:
+    """Coordinate search, then a joint check. A configuration passes when the lower confidence
+    bound of its val quality (kept_bound, z standard errors below the paired mean) keeps the
+    target: the point estimate alone passes configurations whose luck on val does not carry
+    to test. Each knob (image, text, decoder) is tried alone at every candidate and keeps its
+    passing candidate with the largest saving; the combination is then run, and while it
+    fails, the knob whose own choice lost the most quality steps back to its next passing
+    candidate (the full model always passes). About 20 runs over the val subset instead of a
+    grid's hundreds: the knobs' losses roughly add up, so the joint check rarely needs more
+    than a step or two."""
     t0 = time.perf_counter()
     never = {f: 1.0 for f in KNOB_FIELDS.values()}
     full = run_configs([("full", model, None)], td.batches, tok, td.max_new)[0]
-    q_full = quality(task, full.preds, full.refs)["quality"]
+    full_q = quality(task, full.preds, full.refs, per_sample=True)
+    q_full = full_q["quality"]
     if q_full <= 0:  # every exit keeps "100%" of nothing: the search would pick the most drastic
         log(f"calibrate {task} | warning: the full model scores 0 on {len(td.samples)} val "
             f"samples: the task was not learned, so nothing can be calibrated; every layer runs")
         return replace(base, **never)
     need, seen = target * q_full, {}
 
-    def trial(fields_):  # -> (quality, FLOP-weighted saving) of these thresholds, others at 1
+    def trial(fields_):  # -> (quality, its lower bound, FLOP-weighted saving); others at 1
         key = tuple(sorted(fields_.items()))
         if key not in seen:
             ex = replace(base, **{**never, **fields_})
             r = run_configs([("", model, ex)], td.batches, tok, td.max_new)[0]
-            seen[key] = (quality(task, r.preds, r.refs)["quality"],
+            q = quality(task, r.preds, r.refs, per_sample=True)
+            seen[key] = (q["quality"], kept_bound(q["per_sample"], full_q["per_sample"], z),
                          1 - sum(r.macs) / sum(full.macs))
         return seen[key]
 
-    passing = {}  # knob -> [(fields, quality, saving)] that pass alone, largest saving first
+    passing = {}  # knob -> [(fields, quality, bound, saving)] that pass alone, largest saving 1st
     for knob, cands in knobs(model, td, base, levels).items():
         tried = [(c, *trial(c)) for c in cands]
-        passing[knob] = sorted((t for t in tried if t[1] >= need and t[2] > 0),
-                               key=lambda t: -t[2])  # a decoder that never exits costs heads
+        passing[knob] = sorted((t for t in tried if t[2] >= need and t[3] > 0),
+                               key=lambda t: -t[3])  # a decoder that never exits costs heads
         log(f"calibrate {task} | {knob} alone: " + ", ".join(
-            f"{'/'.join(f'{v:.6g}' for v in c.values())} -> {q:.1f} ({-100 * s:+.1f}% FLOPs)"
-            for c, q, s in tried))
+            f"{'/'.join(f'{v:.6g}' for v in c.values())} -> {q:.1f} (>= {b:.1f}, "
+            f"{-100 * s:+.1f}% FLOPs)" for c, q, b, s in tried))
     pick = {k: 0 for k, v in passing.items() if v}  # knob -> index into passing[k]
-    chosen, q, saving = {}, q_full, 0.0
+    chosen, q, bound, saving = {}, q_full, q_full, 0.0
     while pick:
         fields_ = {f: v for k, i in pick.items() for f, v in passing[k][i][0].items()}
-        q, saving = trial(fields_)
-        if q >= need:
+        q, bound, saving = trial(fields_)
+        if bound >= need:
             chosen = fields_
             break
-        worst = min(pick, key=lambda k: passing[k][pick[k]][1])  # lost the most on its own
+        worst = min(pick, key=lambda k: passing[k][pick[k]][2])  # lost the most on its own
         pick[worst] += 1
         if pick[worst] == len(passing[worst]):
             del pick[worst]
     else:
-        q, saving = q_full, 0.0  # nothing passes together: the full model
+        q, bound, saving = q_full, q_full, 0.0  # nothing passes together: the full model
     ex = replace(base, **{**never, **chosen})
-    log(f"calibrate {task} | full {q_full:.1f} | chosen {_thr(asdict(ex))} -> {q:.1f} "
-        f"({_pct(q / q_full)}% kept, {-100 * saving:+.1f}% FLOPs) on "
-        f"{len(td.samples)} val samples, {len(seen) + 1} runs | {time.perf_counter() - t0:.1f} s")
+    log(f"calibrate {task} | full {q_full:.1f} | chosen {_thr(asdict(ex))} -> {q:.1f}, "
+        f"bound {bound:.1f} ({_pct(q / q_full)}% kept, at least {_pct(bound / q_full)}% at "
+        f"z={z:g}; {-100 * saving:+.1f}% FLOPs) on {len(td.samples)} val samples, "
+        f"{len(seen) + 1} runs | {time.perf_counter() - t0:.1f} s")
     return ex
 
 
@@ -357,21 +380,36 @@ def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log) ->
 # The comparison: every configuration on the same test samples, timed against the full model.
 
 
-def shallow_models(model, fractions):
-    """Static shallow models (first k layers, the paper's OFA-Tiny-style baseline)."""
+def shallow_models(model, fractions=None):
+    """Static shallow models (first k layers, the paper's OFA-Tiny-style baseline), at these
+    fractions of the depth; None: every k + k from L - 1 down to 1."""
     L_enc, L_dec = model.cfg.n_enc_layers, model.cfg.n_dec_layers
+    if fractions is None:
+        fractions = [k / max(L_enc, L_dec) for k in range(1, max(L_enc, L_dec))]
     ks = sorted({(max(1, round(f * L_enc)), max(1, round(f * L_dec))) for f in fractions},
                 reverse=True)
     return [(f"static {e}+{d}", model.truncated(e, d).eval()) for e, d in ks
             if (e, d) != (L_enc, L_dec)]
 
 
+def shuffled(samples, what: str) -> list:
+    """The samples, each with the next one's image (what="images") or prompt and decoder
+    prefix ("texts"), cyclically: the pairs no longer match, the references stay."""
+    n = len(samples)
+    return [replace(s, image=o.image) if what == "images" else replace(s, src=o.src,
+                                                                          prefix=o.prefix)
+            for s, o in zip(samples, samples[1:] + samples[:1], strict=True)] if n > 1 else samples
+
+
 def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=True, n=None,
-            n_b1=8, repeats=3, shallow=(2 / 3, 1 / 2), ablations=(), log=print) -> list[dict]:
+            n_b1=8, repeats=3, shallow=None, ablations=(), log=print) -> list[dict]:
     """Rows, one per configuration x task: the full model, MuE with `exits` (task -> ExitConfig;
     a task without one gets PAPER_EXITS), its decoder-only and encoder-only halves, static
-    shallow models, and for each ablation (label, model, exits) its full model and its MuE
-    (with the ablation's own exits, else PAPER_EXITS: never the main model's).
+    shallow models (shallow: fractions of the depth; None = every k + k), and for each ablation
+    (label, model, exits) its full model and its MuE (with the ablation's own exits, else
+    PAPER_EXITS: never the main model's). Then, untimed, the full model on mismatched pairs:
+    "full, shuffled images" (each sample with the next one's image) and, for VE, "full,
+    shuffled texts" (with the next one's hypothesis): how much each task needs each input.
     Quality, retention and the reductions use all n samples (untimed). With timing, each
     configuration is timed against the full model, interleaved (see run_configs), at batch size
     32 on the first batch and at batch size 1 on the first n_b1 samples (after a warm-up), each
@@ -414,6 +452,15 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
                             f"ratio_{key}": meas / pred if rs else None,
                             f"ms_{key}": 1e3 * statistics.fmean(rs[c].seconds) if rs else None})
             rows.append(row)
+        for what in ("images", "texts") if task == "ve" else ("images",):
+            pairs = shuffled(td.samples, what)
+            mixed = [collate(pairs[i:i + batch_size], tok, cfg.max_src_len, cfg.max_tgt_len,
+                             truncate=True).to(device) for i in range(0, len(pairs), batch_size)]
+            run = run_configs([("", model, None)], mixed, tok, td.max_new)[0]
+            rows.append({**summarize(f"full, shuffled {what}", task, run, runs[0], q_full, depth,
+                                     None), "unknown_ref_words": unknown,
+                         **{f"{k}_{b}": None for k in ("speedup", "pred", "ratio", "ms")
+                            for b in ("b1", "b32")}})
         how = (f"timed: batch of {len(td.batches[0].src)} and {len(timed['b1'][0].preds)} at "
                f"batch 1, median of {repeats}" if timing else "untimed")
         log(f"compare {task} | {len(configs)} configurations x {len(td.samples)} samples "
@@ -761,6 +808,8 @@ def parser():
                    "them in each checkpoint (--img/--txt/--dec are then ignored)")
     p.add_argument("--target", type=float, help="quality to keep when calibrating (default: "
                    "train.py's --target, else 0.99)")
+    p.add_argument("--z", type=float, default=1.645, help="calibration keeps the target this "
+                   "many standard errors below the val estimate (1.645: 95%%; 0: the estimate)")
     p.add_argument("--sweep", action="store_true", help="threshold grid and trade-off PNG")
     p.add_argument("--grid", type=int, default=4, help="values per knob in the sweep")
     p.add_argument("--sweep-n", type=positive, default=200, help="test samples in the sweep (its "
@@ -804,8 +853,8 @@ def evaluate(args) -> int:
     try:  # every configuration error ends here: a message and exit status 1, no traceback
         if args.target is not None and not 0 < args.target <= 1:
             raise ValueError(f"--target must be in (0, 1], got {args.target}")
-        if args.grid < 2:
-            raise ValueError(f"--grid must be at least 2, got {args.grid}")
+        if args.grid < 2 or not args.z >= 0:
+            raise ValueError(f"need --grid >= 2 and --z >= 0, got {args.grid} and {args.z}")
         for path in args.plugin:  # first: they add names that the checks below accept
             load_plugin(path)
         args.device = pick_device(args.device or "")
@@ -852,7 +901,7 @@ def evaluate(args) -> int:
     for path, m, st in checkpoints:
         if args.calibrate:  # each checkpoint gets its own thresholds, stored in it
             found = calibrate(m, val_set, tok, args.device, args.target, args.batch_size,
-                              args.n_val, base)
+                              args.n_val, base, z=args.z)
             st["exits"] = {t: asdict(e) for t, e in found.items()}
             st["plugins"] = sorted(set(st.get("plugins") or []) | set(PLUGINS))
             save_checkpoint(path, m, **{k: v for k, v in st.items() if k != "model"})

@@ -13,7 +13,7 @@ import math
 import re
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -65,7 +65,7 @@ def test_bleu4_matches_a_hand_count():
     # 3- or 4-grams; length 2, closest reference 3. Corpus: (8/8 * 5/6 * 4/4 * 3/3)^(1/4) with
     # the brevity penalty exp(1 - 9/8), the reference length 9 exceeding the output's 8.
     hand = (8 / 8 * 5 / 6 * 4 / 4 * 3 / 3) ** 0.25 * math.exp(1 - 9 / 8)
-    bleu, _ = ev.caption_scores(preds, refs)
+    bleu, _, _ = ev.caption_scores(preds, refs)
     assert bleu == pytest.approx(hand, abs=1e-6)
 
 
@@ -80,15 +80,18 @@ def test_cider_d_matches_a_hand_count():
     # bigrams {blue square, square thing} vs {blue square}: g^2 / (sqrt2 g * g); trigram: 0.
     # CIDEr-D's length penalty: exp(-(3 - 2)^2 / (2 * 6^2)) on every order.
     img2 = 10 * (2 / math.sqrt(6) + 1 / math.sqrt(2) + 0 + 0) / 4 * math.exp(-1 / 72)
-    _, cider = ev.caption_scores(preds, refs)
+    _, cider, each = ev.caption_scores(preds, refs)
     assert cider == pytest.approx((img1 + img2) / 2, rel=1e-9)
-    q = ev.quality("caption", preds, refs)
+    assert each == pytest.approx([img1, img2], rel=1e-9)  # per sample: calibration's bound
+    q = ev.quality("caption", preds, refs, per_sample=True)
     assert q["quality"] == q["cider"] == pytest.approx(100 * cider)
+    assert q["per_sample"] == pytest.approx([100 * img1, 100 * img2], rel=1e-9)
 
 
 def test_ve_accuracy_compares_normalised_words():
-    q = ev.quality("ve", ["Yes.", "no", "maybe"], [["yes"], ["maybe"], ["maybe"]])
+    q = ev.quality("ve", ["Yes.", "no", "maybe"], [["yes"], ["maybe"], ["maybe"]], True)
     assert q["quality"] == q["accuracy"] == pytest.approx(200 / 3)
+    assert q["per_sample"] == [100, 0, 100]
     with pytest.raises(ValueError, match="unknown task"):
         ev.quality("vqa", ["a"], [["a"]])
 
@@ -186,13 +189,19 @@ def test_compare_rows(trained, tok):
     exits = {"caption": ExitConfig(0.9, 0.8, 0.6), "ve": ExitConfig(0.8, 0.95, 0.5)}
     rows = ev.compare(trained, test, tok, "cpu", exits, batch_size=8, n=24, n_b1=2, repeats=1,
                       log=lambda s: None)
-    names = ["full", "MuE", "MuE decoder exits only", "MuE encoder exits only", "static 2+2"]
+    names = ["full", "MuE", "MuE decoder exits only", "MuE encoder exits only", "static 2+2",
+             "static 1+1", "full, shuffled images"]  # every static k + k, then the mismatches
     assert [(r["task"], r["name"]) for r in rows] == [(t, n) for t in ("caption", "ve")
-                                                      for n in names]
+                                                      for n in names] + [
+        ("ve", "full, shuffled texts")] and rows[-1]["task"] == "ve"
+    rows.insert(len(names), rows.pop())  # in task order, for the checks below
     json.dumps(rows)  # plain data
     for r in rows:
         assert {"name", "task", "quality", "retention", "layer_reduction", "flop_reduction",
                 "speedup_b1", "speedup_b32", "thresholds"} <= r.keys()
+        if "shuffled" in r["name"]:  # a quality check, untimed
+            assert r["speedup_b1"] is None and r["thresholds"] is None
+            continue
         for key in ("b1", "b32"):
             assert r[f"speedup_{key}"] > 0
             assert r[f"ratio_{key}"] == pytest.approx(r[f"speedup_{key}"] / r[f"pred_{key}"])
@@ -218,6 +227,26 @@ def test_compare_rows(trained, tok):
                      for n in ("full", "MuE"))
         assert full["quality"] == pytest.approx(q_full) and mue["quality"] == pytest.approx(q_mue)
         assert mue["img_layers"] == pytest.approx(sum(img) / len(img))
+        # the shuffled rows: each sample with the next one's image (or hypothesis), by hand
+        for what in ("images", "texts") if task == "ve" else ("images",):
+            nxt = mine[1:] + mine[:1]
+            pairs = [replace(s, image=o.image) if what == "images" else replace(
+                s, src=o.src, prefix=o.prefix) for s, o in zip(mine, nxt, strict=True)]
+            assert any(p.image is not s.image or p.src != s.src
+                       for p, s in zip(pairs, mine, strict=True))
+            row = next(r for r in rows if r["task"] == task and r["name"] == f"full, shuffled "
+                       f"{what}")
+            assert row["quality"] == pytest.approx(own_quality(trained, pairs, tok, None)[0])
+
+
+def test_kept_bound_is_the_paired_mean_less_z_standard_errors():
+    full = [100.0, 0.0, 100.0, 100.0]
+    assert ev.kept_bound(full, full, 1.645) == 75.0  # nothing changed: no doubt
+    mine = [100.0, 100.0, 0.0, 100.0]  # one answer won, one lost: the same mean, less sure
+    d = [0.0, 100.0, -100.0, 0.0]
+    se = math.sqrt(sum(x * x for x in d) / 3) / 2  # stdev (mean 0) over sqrt(4)
+    assert ev.kept_bound(mine, full, 1.645) == pytest.approx(75.0 - 1.645 * se)
+    assert ev.kept_bound(mine, full, 0.0) == 75.0
 
 
 @pytest.mark.parametrize("target, base, n", [
@@ -259,7 +288,8 @@ def test_calibration_keeps_every_layer_when_the_full_model_scores_zero(trained, 
                                                                         monkeypatch):
     """Nothing to keep a fraction of: without the guard every exit passes and the most drastic
     thresholds win, printed as "-% kept"."""
-    monkeypatch.setattr(ev, "quality", lambda task, preds, refs: {"quality": 0.0})
+    monkeypatch.setattr(ev, "quality", lambda task, preds, refs, per_sample=False: {
+        "quality": 0.0, "per_sample": [0.0] * len(preds)})
     lines = []
     base = ExitConfig(dec_criterion="similarity")
     exits = ev.calibrate(trained, ShapesDataset("val", "multi", image_size=32), tok, "cpu",
@@ -308,7 +338,7 @@ def test_command_line_end_to_end(ckpt, tmp_path, capsys):
     result = json.loads((tmp_path / "r.json").read_text())
     # The table: one line per row, every number in it also in the JSON row.
     lines = table(out)
-    assert len(lines) == len(result["rows"]) == 10
+    assert len(lines) == len(result["rows"]) == 15  # 7 caption rows, 8 VE
     for line, row in zip(lines, result["rows"], strict=True):
         assert line.split()[0] == row["task"] and row["name"] in line
         assert not_in_row(line, row) == []
@@ -427,6 +457,9 @@ def test_counts_below_one_are_usage_errors(capsys):
             ev.main(["--ckpt", "x.pt", flag, "0"])
         assert e.value.code == 2 and f"{flag}: must be at least 1" in capsys.readouterr().err
     assert ev.main(["--ckpt", "x.pt", "--grid", "1"]) == 1
+    assert "need --grid >= 2" in capsys.readouterr().err
+    assert ev.main(["--ckpt", "x.pt", "--z", "-1"]) == 1
+    assert "--z >= 0, got 4 and -1.0" in capsys.readouterr().err
 
 
 def test_device_cuda_without_a_gpu_is_one_line(ckpt, monkeypatch, capsys):
