@@ -6,27 +6,30 @@ The paper (Tang et al., CVPR 2023, sec. 4) fine-tunes OFA on SNLI-VE and COCO ca
 OFA's prompts. The shapes world asks the same two questions of procedurally drawn scenes:
 
     captioning   "what does the image describe?"                    -> "a red circle and a box"
-    entailment   'does the image describe " there is a circle "?'   -> yes / no / maybe
+    entailment   'does the image describe " there is a red shape "?'   -> yes / no / maybe
 
 The world. A scene is a 3x3 grid holding 1 to `max_objects` items in distinct cells. An item is an
-object (circle / square / triangle, red / green / blue / yellow, small / large) or a closed box (a
-gray crate with a cross on it). Everything a text may say is in `Scene`; rendering adds only
-nuisance (background tint, thin gray clutter strokes, small jitter, pixel noise).
+object (circle / square / triangle, red / green / blue / yellow) or a closed box (a gray crate
+with a cross on it). Everything a text may say is in `Scene`; rendering adds only nuisance
+(background tint, thin gray clutter strokes, small jitter, pixel noise).
 
-The "maybe" rule. A closed box may hide one object of any shape, colour and size, or nothing. A
+The "maybe" rule. A closed box may hide one object of any shape and colour, or nothing. A
 hypothesis is "yes" if it holds whatever the box hides, "no" if it fails whatever the box hides,
 and "maybe" when the answer depends on what is inside. Every hypothesis is monotone ("there is",
-"at least k", "a ... is left of a ..."), so in practice: yes = true of the visible objects;
-maybe = false of them but true if the box held the right object (in the box's cell, for spatial
-claims); no = otherwise. A scene without a box never gets "maybe", and with a box "there is ..."
-is never "no", so the label needs the claim and the image together (alone, the hypothesis text
-predicts 43% of labels, box-or-not 58%; `python data.py` prints the mix).
+"at least k"), so in practice: yes = true of the visible objects; maybe = false of them but true
+if the box held the right object; no = otherwise. A scene without a box never gets "maybe", and
+with a box "there is ..." is never "no", so the label needs the claim and the image together
+(alone, the hypothesis text predicts 43% of the labels, box-or-not 58%, `python data.py` prints
+the mix; the report's shuffled rows measure what the model makes of each alone).
 
 Hypothesis kinds, easy to hard (labels and kinds cycle with the index, so they are balanced):
-    attribute   "there is a red shape"                 one attribute
-    object      "there is a small red circle"          two or three attributes
-    count       "there are at least two circles"       k in {2, 3}
-    relation    "a red shape is left of a square"      strict column / row order on the grid
+    colour   "there is a red shape"                    one object of a colour
+    count    "there are at least two red shapes"       k in {2, 3} of them
+Shapes are named in captions only. Claims about them ("there is a square"), about sizes and about
+spatial relations were tried, and the CPU preset stayed at chance on each in its ten minutes
+(shape claims alone: 57% of yes / no after 1,200 steps, while colour claims reach 97% in 800),
+and a task the full model has not learned teaches nothing about exits (issue 8's note has the
+curves).
 
 Splits. A scene's key is its items and cells (no nuisance); a fixed hash of the key sends it to
 test (10%), val (10%) or train (80%) whatever the seed, and the sampler redraws until the scene
@@ -132,13 +135,8 @@ class Tokenizer:
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 200, 30)}
-SIZES = ("small", "large")
-ATTRS = {"size": SIZES, "colour": tuple(COLOURS), "shape": SHAPES}
-# "a is <relation> b" when sign * (a.axis - b.axis) > 0: strictly another column / row of the grid
-RELATIONS = {"left of": ("col", -1), "right of": ("col", 1), "above": ("row", -1),
-             "below": ("row", 1)}
 NUMBERS = ("", "a", "two", "three", "four")  # a count never exceeds max_objects (at most 4)
-KINDS = ("attribute", "object", "count", "relation")
+KINDS = ("colour", "count")
 LABELS = ("yes", "no", "maybe")  # entailment, contradiction, neutral
 SPLIT_SIZES = {"train": 100_000, "val": 500, "test": 500}  # drawn on the fly: big train is free
 MAX_CAPTION_WORDS = 16  # bounds max_objects: n different objects take 4n - 1 words
@@ -148,7 +146,6 @@ MAX_CAPTION_WORDS = 16  # bounds max_objects: n different objects take 4n - 1 wo
 class Obj:
     shape: str | None  # None on all three: the unknown object a box might hide (matches anything)
     colour: str | None
-    size: str | None
     row: int
     col: int
 
@@ -160,7 +157,7 @@ class Scene:
 
     def key(self) -> str:
         """Everything a text can say about the scene, and nothing else (no jitter, no noise)."""
-        objs = ";".join(f"{o.size} {o.colour} {o.shape} {o.row}{o.col}" for o in self.objects)
+        objs = ";".join(f"{o.colour} {o.shape} {o.row}{o.col}" for o in self.objects)
         return f"{objs}|box {self.box}"
 
 
@@ -173,11 +170,10 @@ def split_of(scene: Scene) -> str:
 def captions(scene: Scene) -> list[str]:
     """Reference captions, all true. The first, items in reading order with identical ones grouped
     ("two red circles"), is the training target: one deterministic phrasing is easier for a small
-    model, and the others (with sizes, reversed, "there is ...", a spatial one for two items) make
-    BLEU / CIDEr reward the content rather than one word order. At most 16 words each."""
-    items = [(o.row, o.col, f"{o.colour} {o.shape}", f"{o.size} {o.colour} {o.shape}")
-             for o in scene.objects]
-    items = sorted(items + ([(*scene.box, "box", "box")] if scene.box else []))  # reading order
+    model, and the others ("there is ...", reversed, a spatial one for two items) make BLEU /
+    CIDEr reward the content rather than one word order. At most 16 words each."""
+    items = [(o.row, o.col, f"{o.colour} {o.shape}") for o in scene.objects]
+    items = sorted(items + ([(*scene.box, "box")] if scene.box else []))  # reading order
 
     def listing(names):
         groups = Counter(names)  # keeps first-appearance order
@@ -185,9 +181,9 @@ def captions(scene: Scene) -> list[str]:
 
     brief = listing([it[2] for it in items])
     refs = [brief, ("there is " if brief.startswith("a ") else "there are ") + brief,
-            listing([it[3] for it in items]), listing([it[2] for it in reversed(items)])]
+            listing([it[2] for it in reversed(items)])]
     if len(items) == 2:
-        (r0, _, a, _), (r1, _, b, _) = items
+        (r0, _, a), (r1, _, b) = items
         refs.append(f"a {a} {'above' if r0 < r1 else 'left of'} a {b}")
     refs = [r for r in dict.fromkeys(refs) if len(r.split()) <= MAX_CAPTION_WORDS]
     if not refs or refs[0] != brief:  # not an assert: python -O must not let it through
@@ -195,62 +191,35 @@ def captions(scene: Scene) -> list[str]:
     return refs
 
 
-# A claim is (kind, descriptors, arg): a descriptor is {attribute: value}, arg the k of a count or
-# the relation of a spatial claim. Holding is existential, hence monotone in the set of objects.
-
-
-def _matches(o: Obj, desc: dict) -> bool:
-    return all(getattr(o, a) in (None, v) for a, v in desc.items())
+# A claim is (kind, colour, k): "there is a <colour> shape" (k = 1) or "there are at least <k>
+# <colour> shapes" (k = 2, 3). Holding is existential, hence monotone in the set of objects.
 
 
 def _holds(claim, objs) -> bool:
-    kind, descs, arg = claim
-    if kind == "count":
-        return sum(_matches(o, descs[0]) for o in objs) >= arg
-    if kind == "relation":
-        axis, sign = RELATIONS[arg]
-        return any(_matches(a, descs[0]) and _matches(b, descs[1])
-                   and sign * (getattr(a, axis) - getattr(b, axis)) > 0 for a in objs for b in objs)
-    return any(_matches(o, descs[0]) for o in objs)
+    _, colour, k = claim
+    return sum(o.colour in (None, colour) for o in objs) >= k  # None: what a box may hide
 
 
 def _label(claim, scene: Scene) -> str:
     if _holds(claim, scene.objects):
         return "yes"  # monotone: still true whatever the box adds
-    hidden = Obj(None, None, None, *scene.box) if scene.box else None  # the box's best case
+    hidden = Obj(None, None, *scene.box) if scene.box else None  # the box's best case
     return "maybe" if hidden and _holds(claim, scene.objects + (hidden,)) else "no"
 
 
-def _phrase(desc: dict, plural: bool = False) -> str:
-    noun = desc.get("shape", "shape") + ("s" if plural else "")
-    return " ".join([desc[a] for a in ("size", "colour") if a in desc] + [noun])
-
-
 def hypothesis(claim) -> str:
-    kind, descs, arg = claim
-    if kind == "count":
-        return f"there are at least {NUMBERS[arg]} {_phrase(descs[0], plural=True)}"
-    if kind == "relation":
-        return f"a {_phrase(descs[0])} is {arg} a {_phrase(descs[1])}"
-    return f"there is a {_phrase(descs[0])}"
+    kind, colour, k = claim
+    return f"there is a {colour} shape" if k == 1 else \
+        f"there are at least {NUMBERS[k]} {colour} shapes"
 
 
 def _propose(rnd: random.Random, kind: str, objs) -> tuple:
-    def desc(lo, hi):  # half the time copy a visible object, so that "yes" is reachable quickly
-        model = rnd.choice(objs) if rnd.random() < 0.5 else None
-        return {a: getattr(model, a) if model else rnd.choice(ATTRS[a])
-                for a in rnd.sample(tuple(ATTRS), rnd.randint(lo, hi))}
-
-    if kind == "attribute":
-        return kind, (desc(1, 1),), None
-    if kind == "object":
-        return kind, (desc(2, 3),), None
-    if kind == "count":
-        return kind, (desc(1, 2),), rnd.randint(2, 3)
-    return kind, (desc(1, 2), desc(1, 2)), rnd.choice(tuple(RELATIONS))
+    # half the time a visible object's colour, so that "yes" is reachable quickly
+    colour = rnd.choice(objs).colour if rnd.random() < 0.5 else rnd.choice(tuple(COLOURS))
+    return kind, colour, 1 if kind == "colour" else rnd.randint(2, 3)
 
 
-def render(scene: Scene, rnd: random.Random, image_size=64, grid=3, clutter=3,
+def render(scene: Scene, rnd: random.Random, image_size=24, grid=3, clutter=3,
            noise=0.03) -> torch.Tensor:
     """Draw a scene -> (3, image_size, image_size) float32, ImageNet-normalised. Jitter stays under
     0.05 of a cell, so every object covers its cell's centre and rows / columns stay unambiguous."""
@@ -263,7 +232,7 @@ def render(scene: Scene, rnd: random.Random, image_size=64, grid=3, clutter=3,
     for o in scene.objects:
         cx = (o.col + 0.5 + rnd.uniform(-0.05, 0.05)) * cell
         cy = (o.row + 0.5 + rnd.uniform(-0.05, 0.05)) * cell
-        r = (0.40 if o.size == "large" else 0.24) * cell
+        r = 0.40 * cell
         fill = tuple(min(255, max(0, c + rnd.randint(-12, 12))) for c in COLOURS[o.colour])
         if o.shape == "circle":
             d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -319,7 +288,7 @@ class ShapesDataset(Dataset):
     strokes. noise: pixel std on the [0, 1] scale. Settings the world cannot serve are refused
     here, not at sample 1000. Defaults keep 1,000 samples under 2 s on one core."""
 
-    def __init__(self, split="train", task="multi", size=None, seed=0, image_size=64,
+    def __init__(self, split="train", task="multi", size=None, seed=0, image_size=24,
                  max_objects=4, p_box=0.5, clutter=3, noise=0.03, grid=3):
         if split not in SPLIT_SIZES:
             raise ValueError(f"split must be one of {tuple(SPLIT_SIZES)}, got {split!r}")
@@ -350,8 +319,8 @@ class ShapesDataset(Dataset):
         for _ in range(1000):  # val / test accept 1 draw in 10
             n = rnd.randint(1, self.max_objects - box)  # a box takes an item slot: short captions
             cells = [divmod(c, self.grid) for c in rnd.sample(range(self.grid**2), n + box)]
-            objs = tuple(Obj(rnd.choice(SHAPES), rnd.choice(ATTRS["colour"]), rnd.choice(SIZES),
-                             r, c) for r, c in sorted(cells[:n]))
+            objs = tuple(Obj(rnd.choice(SHAPES), rnd.choice(tuple(COLOURS)), r, c)
+                         for r, c in sorted(cells[:n]))
             scene = Scene(objs, cells[n] if box else None)
             if split_of(scene) == self.split:
                 return scene
@@ -410,19 +379,20 @@ def shapes_settings(text: str) -> dict:
 
 
 def shapes_max_tokens() -> tuple[int, int]:
-    """The longest prompt, and the longest target with eos, that the shapes grammar writes, in
-    tokens: a VE prompt around a relation of two three-word descriptions, and a caption of
-    MAX_CAPTION_WORDS words. MuEConfig's max_src_len / max_tgt_len must hold them."""
-    longest = VE_PROMPT.format("a large yellow triangle is right of a small green circle")
-    return len(_TOKEN.findall(longest)), MAX_CAPTION_WORDS + 1
+    """The longest prompt, and the longest decoder input, that the shapes grammar writes, in
+    tokens: a VE prompt around the longest count, and whichever is longer of bos + a caption of
+    MAX_CAPTION_WORDS words and bos + that prompt + its answer (VE's decoder reads the prompt,
+    Sample.prefix). MuEConfig's max_src_len / max_tgt_len must hold them."""
+    prompt = len(_TOKEN.findall(VE_PROMPT.format("there are at least three yellow shapes")))
+    return prompt, max(MAX_CAPTION_WORDS + 1, prompt + 2)
 
 
 def shapes_tokenizer() -> Tokenizer:
     """Every word the shapes grammar can produce, alphabetically (a fixed, seed-free vocabulary)."""
     grammar = "there is are at least and of box shape shapes"
     words = {w for t in (CAPTION_PROMPT, VE_PROMPT.format(""), grammar) for w in _TOKEN.findall(t)}
-    words |= set(SIZES) | set(COLOURS) | set(LABELS) | set(NUMBERS[1:])
-    words |= set(SHAPES) | {s + "s" for s in SHAPES} | {w for r in RELATIONS for w in r.split()}
+    words |= set(COLOURS) | set(LABELS) | set(NUMBERS[1:]) | {"above", "left"}  # captions
+    words |= set(SHAPES) | {s + "s" for s in SHAPES}
     return Tokenizer(SPECIALS + sorted(words))
 
 
@@ -638,7 +608,7 @@ class SnliVE(AnnotatedImages):
         self._finish(jsonl_path, image_size, must_exist)
 
 
-def load_split(source: str, split: str, ann: str = "", images: str = "", image_size: int = 64,
+def load_split(source: str, split: str, ann: str = "", images: str = "", image_size: int = 24,
                task: str = "multi", seed: int = 0, size: int | None = None, premise: bool = True,
                max_src_len: int = 32, max_tgt_len: int = 32, must_exist: bool = True,
                shapes: str = "") -> Dataset:
@@ -835,7 +805,7 @@ def parser():
     p.add_argument("--split", default="train", choices=tuple(SPLIT_SIZES))
     p.add_argument("--task", default="multi", choices=("multi", "caption", "ve"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=positive, default=64)
+    p.add_argument("--image-size", type=positive, default=24)
     p.add_argument("--stats", type=positive, default=3000, help="samples to measure the mix on "
                    "(drawn on the fly: more than the split's nominal size is fine)")
     p.add_argument("--check", action="store_true", help="decode every image of --data's files "

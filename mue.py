@@ -54,9 +54,11 @@ class MuEConfig:
     d_ff: int = 512  # hidden width of the feed-forward blocks
     n_enc_layers: int = 6  # encoder depth, shared by image and text (OFA-Base: 6)
     n_dec_layers: int = 6  # decoder depth; every layer can predict (OFA-Base: 6)
-    image_size: int = 64  # square input images, pixels per side
+    image_size: int = 24  # square input images, pixels per side: 24 draws a shapes cell in 8x8
+    # pixels, and 2 stages then give one patch token per cell (3x3); the stem is then a fifth
+    # to a quarter of a sample's FLOPs (at 64 px, 8x8 patches: some 40%)
     resnet: str = "resnet18"  # torchvision ResNet whose stem and first stages embed the image
-    resnet_stages: int = 2  # residual stages kept (1-4): 64px -> 16x16, 8x8, 4x4, 2x2 patches
+    resnet_stages: int = 2  # residual stages kept (1-4): 24px -> 6x6, 3x3, 2x2, 1x1 patches
     resnet_weights: str = ""  # path to a torchvision ImageNet state_dict you have; "" = random
     dropout: float = 0.0  # on embeddings, attention weights, residual branches (training). 0 on
     # the synthetic world, whose samples never repeat within a CPU run (and CPU dropout masks
@@ -380,16 +382,23 @@ class MuE(nn.Module):
         self._init_transformer()
 
     def _init_transformer(self):
-        stem = set(self.stem.modules())  # keep torchvision's own initialisation for the ResNet
+        """Weights ~ N(0, 1/d_model), biases 0; the ResNet keeps torchvision's initialisation.
+        GPT-2's std of 0.02 is 1/sqrt(d) for d = 2500. At d = 128 it starts every attention
+        score and every product of two paths near zero, and VE, which compares a word with what
+        the image shows, sits there: with a one-colour image and "there is a <colour> shape",
+        yes or no, a 0.02 model stayed at chance for 300 steps, a 1/sqrt(d) one was right on
+        every sample by step 200; captioning on shapes reached CIDEr-D 327 in 300 steps instead
+        of 70 to 130."""
+        stem, std = set(self.stem.modules()), self.cfg.d_model ** -0.5
         for m in self.modules():
             if m in stem:
                 continue
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=std)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.img_row, std=0.02)
-        nn.init.normal_(self.img_col, std=0.02)
+        nn.init.normal_(self.img_row, std=std)
+        nn.init.normal_(self.img_col, std=std)
 
     # -- inputs ----------------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ def test_flags_override_presets_and_unknown_flags_are_rejected(capsys):
                           (["--data", "coco", "--ann", "a", "--images", "b", "--shapes",
                             "p_box=0"], "sets the shapes world, not coco"),
                           (["--plugin", "missing.py"], "missing.py does not exist"),
-                          (["--max-src-len", "12"], "--max-src-len >= 18"),
+                          (["--max-src-len", "12"], "--max-src-len >= 14"),
                           (["--resume", "--force"], "pick one"),
                           (["--resume", "1", "--force", "1"], "pick one")):
         with pytest.raises(SystemExit) as e:
