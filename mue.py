@@ -67,6 +67,9 @@ class MuEConfig:
     max_tgt_len: int = 32  # longest target / generated text, in tokens (eos included)
     fusion: str = "decomposed"  # "decomposed": image and text apart (MuE); "joint": one sequence
     loss_weights: str = "uniform"  # decoder layer-wise loss: a name in LOSS_WEIGHTS
+    enc_depth_sampling: float = 0.0  # beyond the paper: the chance that a training batch reads
+    # the image and the text encoder at random depths, so that the decoder learns to read the
+    # states an encoder exit hands it (MuE.sample_depths); 0 = the paper's recipe
     pad_id: int = 0  # padding token (ignored by attention and by the loss)
     bos_id: int = 1  # first decoder input
     eos_id: int = 2  # ends a generated sequence
@@ -84,6 +87,9 @@ class MuEConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.enc_depth_sampling <= 1.0:
+            raise ValueError(f"enc_depth_sampling must be in [0, 1], got "
+                             f"{self.enc_depth_sampling}")
         self.layer_weights()  # a plugin's weights are checked here, not at the first step
 
     def layer_weights(self) -> list[float]:
@@ -449,7 +455,7 @@ class MuE(nn.Module):
 
     # -- encoder with exits (Sec. 3.1, 3.2) ------------------------------------------------------
 
-    def run_encoder(self, x, valid, rules, signal=masked_cosine, trace=None):
+    def run_encoder(self, x, valid, rules, signal=masked_cosine, trace=None, depth=None):
         """Run the encoder layers on x: (B, N, C), with valid: (B, N) bool (True on real tokens).
 
         rules: list of (name, tau, token mask (B, N)). A sample exits after layer l when, for
@@ -457,15 +463,16 @@ class MuE(nn.Module):
         the rule's tokens is above tau: one rule per modality when decomposed, both modalities'
         rules on the joint sequence. Exited samples leave the working set, so deeper layers never
         see them. trace: a dict that collects every layer's signals per rule name (exits off).
+        depth: run only the first `depth` layers (training with enc_depth_sampling).
         Returns the states (B, N, C), each sample's from its exit layer, and layers run (B,).
         """
-        B, L = x.shape[0], len(self.encoder)
+        B, L = x.shape[0], len(self.encoder) if depth is None else depth
         layers = torch.full((B,), L, dtype=torch.long, device=x.device)
         can_exit = all(tau < 1.0 for _, tau, _ in rules)
         mask = None if valid.all() else valid[:, None, None, :]  # (B, 1, 1, N)
         out, rows, h = None, torch.arange(B, device=x.device), x
         token_masks = [m for _, _, m in rules]  # compacted with h, like mask
-        for l, layer in enumerate(self.encoder, start=1):
+        for l, layer in enumerate(self.encoder[:L], start=1):
             h_new = layer(h, mask)
             if (can_exit and l < L) or trace is not None:
                 done = torch.ones(len(rows), dtype=torch.bool, device=x.device)
@@ -489,9 +496,10 @@ class MuE(nn.Module):
         out[rows] = h
         return out, layers
 
-    def encode(self, images, src, exit=None, trace=None):
+    def encode(self, images, src, exit=None, trace=None, depths=(None, None)):
         """Memory for the decoder, LN([image ; text]), with its mask and the encoder layers run.
-        exit=None runs every layer. -> (B, M, C), (B, M) bool, (B,), (B,)"""
+        exit=None runs every layer; depths (image, text) stops each encoder there (training).
+        -> (B, M, C), (B, M) bool, (B,), (B,)"""
         ex = exit or ExitConfig()
         signal = ENC_SIGNALS[ex.enc_criterion].fn
         img, txt = self.embed_image(images), self.embed_text(src)
@@ -500,16 +508,16 @@ class MuE(nn.Module):
         valid = torch.cat([img_valid, txt_valid], 1)  # (B, M)
         if self.cfg.fusion == "decomposed":
             img, img_layers = self.run_encoder(
-                img, img_valid, [("img", ex.img_threshold, img_valid)], signal, trace)
+                img, img_valid, [("img", ex.img_threshold, img_valid)], signal, trace, depths[0])
             txt, txt_layers = self.run_encoder(
-                txt, txt_valid, [("txt", ex.txt_threshold, txt_valid)], signal, trace)
+                txt, txt_valid, [("txt", ex.txt_threshold, txt_valid)], signal, trace, depths[1])
             h = torch.cat([img, txt], 1)
         else:  # joint: one sequence with cross-modal attention, so one depth for both modalities
             is_img = torch.zeros_like(valid)
             is_img[:, :img.shape[1]] = True
             rules = [("img", ex.img_threshold, is_img), ("txt", ex.txt_threshold, valid & ~is_img)]
             h, img_layers = self.run_encoder(torch.cat([img, txt], 1), valid, rules, signal,
-                                             trace)
+                                             trace, depths[0])
             txt_layers = img_layers
         return self.enc_ln(h), valid, img_layers, txt_layers
 
@@ -520,7 +528,7 @@ class MuE(nn.Module):
         targets: (B, T). Returns the last layer's logits (B, T, V) and, given targets, the
         layer-wise loss sum_l w_l * CE(head(h_l), targets), pad_id ignored."""
         self.check_inputs(images, src, tgt_in, targets)
-        memory, valid, _, _ = self.encode(images, src)
+        memory, valid, _, _ = self.encode(images, src, depths=self.sample_depths())
         mem_mask = valid[:, None, None, :]
         T = tgt_in.shape[1]
         x = self.drop(self.tok_emb(tgt_in) + self.tgt_pos(torch.arange(T, device=tgt_in.device)))
@@ -534,6 +542,19 @@ class MuE(nn.Module):
                                      ignore_index=self.cfg.pad_id)
                 loss = w * ce if loss is None else loss + w * ce
         return (self.head(x) if logits is None else logits), loss
+
+    def sample_depths(self) -> tuple:
+        """Beyond the paper, off by default: early-exit training for the encoder, in the manner of
+        LayerSkip (Elhoushi et al., 2024). The layer-wise loss trains every decoder layer to
+        predict, but the decoder itself only ever reads the encoder's last layer, so an encoder
+        exit hands it states it never saw in training. With chance enc_depth_sampling a training
+        batch stops the image and the text encoder at depths drawn uniformly from 1..L (one
+        depth for both under joint fusion). Drawn from torch's generator, which train.py seeds
+        per step, so a resumed run draws the same depths. -> (image depth, text depth)"""
+        p, L = self.cfg.enc_depth_sampling, len(self.encoder)
+        if not self.training or p == 0 or torch.rand(()).item() >= p:
+            return None, None
+        return tuple(torch.randint(1, L + 1, (2,)).tolist())
 
     # -- generation with exits (Sec. 3.3) --------------------------------------------------------
 

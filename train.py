@@ -350,7 +350,9 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
         step, losses = state["step"], list(state["losses"])
         saved_at = step
         plugins |= set(state.get("plugins") or [])
-    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    # an encoder stopped early leaves its upper layers without gradients in that step
+    net = DDP(model, device_ids=[device] if device.type == "cuda" else None,
+              find_unused_parameters=mcfg.enc_depth_sampling > 0) if world > 1 else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     path = os.path.join(tcfg.out, "ckpt.pt")
@@ -381,7 +383,7 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
     try:
         for batch in batches:
             batch = batch.to(device)
-            torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)  # dropout of step s
+            torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)  # step s: dropout, depths
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tcfg)
             with autocast:

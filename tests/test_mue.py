@@ -526,6 +526,38 @@ def test_gradients_reach_the_stem_and_every_decoder_layer():
     assert model.decoder[0].self_attn.q.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_depth_sampling_reads_each_encoder_at_its_drawn_depth(seed):
+    """The slow path: each modality through its first k layers by hand, then the decoder."""
+    model = make_model(12 + seed, enc_depth_sampling=1.0).train()
+    images, src, tgt_in, targets = teacher_batch(model.cfg, seed=seed)
+    torch.manual_seed(seed)
+    k_img, k_txt = model.sample_depths()
+    torch.manual_seed(seed)
+    logits, _ = model(images, src, tgt_in, targets)
+    valid = src != 0
+    img, txt = model.embed_image(images), model.embed_text(src)
+    for layer in model.encoder[:k_img]:
+        img = layer(img)
+    for layer in model.encoder[:k_txt]:
+        txt = layer(txt, valid[:, None, None, :])
+    memory = model.enc_ln(torch.cat([img, txt], 1))
+    mem_valid = torch.cat([torch.ones(img.shape[:2], dtype=torch.bool), valid], 1)
+    x = model.tok_emb(tgt_in) + model.tgt_pos(torch.arange(tgt_in.shape[1]))
+    for layer in model.decoder:
+        x = layer(x, memory, mem_valid[:, None, None, :])
+    torch.testing.assert_close(logits, model.head(x))
+
+
+def test_depth_sampling_draws_every_depth_in_training_only():
+    model = make_model(16, enc_depth_sampling=1.0).train()
+    torch.manual_seed(0)
+    drawn = {model.sample_depths() for _ in range(200)}
+    assert drawn == {(a, b) for a in range(1, 5) for b in range(1, 5)}
+    assert model.eval().sample_depths() == (None, None)
+    assert make_model(16, enc_depth_sampling=0.0).train().sample_depths() == (None, None)
+
+
 def test_truncated_model_shares_the_first_layers():
     model = make_model(11)
     images, src = make_batch(seed=11)
@@ -638,6 +670,7 @@ def test_bad_exit_config_names_the_field(kwargs, name):
     (dict(fusion="late"), "fusion"), (dict(loss_weights="geometric"), "loss_weights"),
     (dict(d_model=30, n_heads=4), "n_heads"), (dict(resnet_stages=5), "resnet_stages"),
     (dict(n_dec_layers=0), "n_dec_layers"), (dict(dropout=1.0), "dropout"),
+    (dict(enc_depth_sampling=1.5), "enc_depth_sampling"),
 ])
 def test_bad_model_config_names_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
