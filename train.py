@@ -388,6 +388,12 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
                 group["lr"] = lr_at(step, tcfg)
             with autocast:
                 _, loss = net(batch.images, batch.src, batch.tgt_in, batch.targets)
+            if world > 1:  # each rank's loss is a mean over its own tokens: weigh it by them, so
+                # that DDP's mean over ranks is the mean over the global batch's tokens
+                n = (batch.targets != mcfg.pad_id).sum().float()
+                total = n.clone()
+                dist.all_reduce(total)
+                loss = loss * n * world / total
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
