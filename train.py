@@ -63,7 +63,7 @@ class TrainConfig:
     # --add-caption); false: the hypothesis alone, the image its only premise
     min_count: int = 6  # real data: words seen fewer times in train read as <unk> (6 keeps what
     # the Karpathy-split preprocessing keeps; data.MIN_COUNT); shapes has its grammar's vocabulary
-    steps: int = 700  # optimizer steps
+    steps: int = 2000  # optimizer steps
     batch_size: int = 32  # samples per step, over all ranks together
     lr: float = 1e-3  # peak learning rate of AdamW
     min_lr: float = 1e-4  # where the cosine decay ends
@@ -85,8 +85,8 @@ class TrainConfig:
     # "confidence" (max softmax) | "similarity" (the authors' hidden-state cosine) | a plugin's
     dec_schedule: str = "constant"  # the report's decoder threshold: "constant" | "decay" (CALM)
     enc_criterion: str = "cosine"  # the report's encoder exit signal (mue.ENC_SIGNALS)
-    val_size: int = 600  # validation samples for calibration (both tasks together, shapes)
-    test_size: int = 500  # test samples in the report (shapes: generated)
+    val_size: int = 1000  # validation samples for calibration (both tasks together, shapes)
+    test_size: int = 1000  # test samples in the report (shapes: generated)
 
 
 # Presets change defaults; a flag given on the command line always wins.
