@@ -9,8 +9,8 @@ OFA's prompts. The shapes world asks the same two questions of procedurally draw
     entailment   'does the image describe " there is a red shape "?'   -> yes / no / maybe
 
 The world. A scene is a 3x3 grid holding 1 to `max_objects` items in distinct cells. An item is an
-object (circle / square / triangle, red / green / blue / yellow) or a closed box (a gray crate
-with a cross on it). Everything a text may say is in `Scene`; rendering adds only nuisance
+object (circle / square / cross, red / green / blue / yellow) or a closed box (a gray crate
+with an X on its lid). Everything a text may say is in `Scene`; rendering adds only nuisance
 (background tint, thin gray clutter strokes, small jitter, pixel noise).
 
 The "maybe" rule. A closed box may hide one object of any shape and colour, or nothing. A
@@ -132,7 +132,7 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # the shapes world: scenes, and the texts that are true of them
 
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 200, 30)}
 NUMBERS = ("", "a", "two", "three", "four")  # a count never exceeds max_objects (at most 4)
@@ -167,6 +167,10 @@ def split_of(scene: Scene) -> str:
     return "test" if h == 0 else "val" if h == 1 else "train"
 
 
+def plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith("s") else "s")  # crosses, boxes, circles
+
+
 def captions(scene: Scene) -> list[str]:
     """Reference captions, all true. The first, items in reading order with identical ones grouped
     ("two red circles"), is the training target: one deterministic phrasing is easier for a small
@@ -177,7 +181,8 @@ def captions(scene: Scene) -> list[str]:
 
     def listing(names):
         groups = Counter(names)  # keeps first-appearance order
-        return " and ".join(f"a {n}" if c == 1 else f"{NUMBERS[c]} {n}s" for n, c in groups.items())
+        return " and ".join(f"a {n}" if c == 1 else f"{NUMBERS[c]} {plural(n)}"
+                            for n, c in groups.items())
 
     brief = listing([it[2] for it in items])
     refs = [brief, ("there is " if brief.startswith("a ") else "there are ") + brief,
@@ -234,13 +239,14 @@ def render(scene: Scene, rnd: random.Random, image_size=24, grid=3, clutter=3,
         cy = (o.row + 0.5 + rnd.uniform(-0.05, 0.05)) * cell
         r = 0.40 * cell
         fill = tuple(min(255, max(0, c + rnd.randint(-12, 12))) for c in COLOURS[o.colour])
-        if o.shape == "circle":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        if o.shape == "circle":  # a ring: its open centre tells it from a square at 2x2 px
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(1, round(0.4 * r)))
         elif o.shape == "square":
             d.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
-        else:  # pointing up; its incircle (radius 0.56 r) is centred on (cx, cy)
-            d.polygon([(cx, cy - 1.1 * r), (cx - r, cy + 0.55 * r), (cx + r, cy + 0.55 * r)],
-                      fill=fill)
+        else:  # a cross: open corners, a full centre
+            w = 0.36 * r
+            d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+            d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
     if scene.box:
         cx, cy = (scene.box[1] + 0.5) * cell, (scene.box[0] + 0.5) * cell
         h, dark = 0.38 * cell, (50, 45, 40)
@@ -392,7 +398,7 @@ def shapes_tokenizer() -> Tokenizer:
     grammar = "there is are at least and of box shape shapes"
     words = {w for t in (CAPTION_PROMPT, VE_PROMPT.format(""), grammar) for w in _TOKEN.findall(t)}
     words |= set(COLOURS) | set(LABELS) | set(NUMBERS[1:]) | {"above", "left"}  # captions
-    words |= set(SHAPES) | {s + "s" for s in SHAPES}
+    words |= set(SHAPES) | {plural(s) for s in SHAPES}
     return Tokenizer(SPECIALS + sorted(words))
 
 

@@ -38,7 +38,7 @@ from data import (
 )
 
 # the world's vocabulary, written out here rather than imported, so that the checks are independent
-SHAPE_WORDS, COLOUR_WORDS = ("circle", "square", "triangle"), ("red", "green", "blue", "yellow")
+SHAPE_WORDS, COLOUR_WORDS = ("circle", "square", "cross"), ("red", "green", "blue", "yellow")
 NUMBER = {"a": 1, "two": 2, "three": 3, "four": 4}
 
 
@@ -51,7 +51,7 @@ def parse_desc(words):
     *mods, noun = words
     noun = (
         noun.removesuffix("s")
-        if noun.endswith(("circles", "squares", "triangles", "shapes"))
+        if noun.endswith(("circles", "squares", "shapes"))
         else noun
     )
     desc = {} if noun == "shape" else {"shape": noun}
@@ -150,13 +150,18 @@ def read_caption(text):
         return Counter([m.group(1), m.group(3)]), (m.group(1), m.group(2), m.group(3))
     items = Counter()
     for part in text.split(" and "):
-        num, *words = part.split()
-        name = " ".join(words)
-        if NUMBER[num] > 1:
-            assert name.endswith("s"), part
-            name = name[:-1]
-        items[name] += NUMBER[num]
+        num, name = item_of(part)
+        items[name] += num
     return items, None
+
+
+def item_of(part):
+    """"two red crosses" -> (2, "red cross"); "a box" -> (1, "box")."""
+    num, _, name = part.partition(" ")
+    if NUMBER[num] > 1:  # English plurals: circles, crosses
+        assert name.endswith("s"), part
+        name = name[:-2] if name.endswith("sses") else name[:-1]
+    return NUMBER[num], name
 
 
 def test_captions_are_true_of_the_scene():
@@ -189,9 +194,7 @@ def test_captions_are_true_of_the_scene():
                 + ([(sc.box, "box")] if sc.box else [])
             )
         ]
-        names = [
-            re.sub(r"^(a|two|three|four) ", "", p).removesuffix("s") for p in sp.tgt.split(" and ")
-        ]
+        names = [item_of(p)[1] for p in sp.tgt.split(" and ")]
         assert names == list(dict.fromkeys(order)), (sp.tgt, sc)
         lengths[len(sp.tgt.split())] += 1
     assert len(lengths) >= 5, lengths  # short and long captions both occur
@@ -310,19 +313,16 @@ def test_samples_identical_in_a_fresh_process():
 HUES = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 
 
-def colour_of(rgb):
-    return min(HUES, key=lambda h: sum((a - b) ** 2 for a, b in zip(rgb, HUES[h], strict=True)))
-
-
 @pytest.mark.parametrize("image_size", [64, 96])
 def test_image_shows_the_scene(image_size):
-    """Noise and clutter off: each object's colour at its cell centre, its shape from how much
-    of its bounding box it fills; the box gray; empty cells pale."""
+    """Noise and clutter off: each object's colour where it is drawn, its shape from how much of
+    its bounding box it fills and from its centre and corners; the box gray; empty cells pale."""
     ds = ShapesDataset(
         "train", task="multi", size=300, seed=2, image_size=image_size, noise=0, clutter=0
     )
     mean, std = torch.tensor(data.MEAN)[:, None, None], torch.tensor(data.STD)[:, None, None]
     cell = image_size / 3
+    hues = np.array(list(HUES.values()), dtype=float)  # (4, 3)
     for i in range(0, len(ds), 3 if image_size == 64 else 6):
         sc = ds.scene(i)
         img = ((ds[i].image * std + mean) * 255).round().permute(1, 2, 0).numpy()  # (H, W, 3)
@@ -331,22 +331,26 @@ def test_image_shows_the_scene(image_size):
             y, x = int((r + 0.5) * cell), int((c + 0.5) * cell)
             px = img[y, x]
             if sc.box == (r, c):
-                assert px.max() - px.min() < 40 and px.mean() < 170, px  # gray crate, or its cross
+                assert px.max() - px.min() < 40 and px.mean() < 170, px  # gray crate, or its X
             elif (r, c) not in taken:
                 assert px.min() >= 200, px
         for o in sc.objects:
-            assert colour_of(img[int((o.row + 0.5) * cell), int((o.col + 0.5) * cell)]) == o.colour
             y0, x0 = int(o.row * cell), int(o.col * cell)
             patch = img[y0 : int(y0 + cell), x0 : int(x0 + cell)].astype(float)
-            hues = np.array(list(HUES.values()), dtype=float)  # (4, 3)
+            drawn = patch.min(-1) < 150  # (h, w): the object's pixels, not the pale background
             nearest = ((patch[:, :, None, :] - hues) ** 2).sum(-1).argmin(-1)  # (h, w)
-            mask = (nearest == list(HUES).index(o.colour)) & (patch.min(-1) < 150)
-            ys, xs = np.nonzero(mask)
-            fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
-            expect = {"square": (0.9, 1.01), "circle": (0.65, 0.9), "triangle": (0.35, 0.65)}[
-                o.shape
-            ]
-            assert expect[0] <= fill <= expect[1], (o, fill)
+            assert list(HUES)[Counter(nearest[drawn].tolist()).most_common(1)[0][0]] == o.colour
+            ys, xs = np.nonzero(drawn)
+            fill = drawn.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+            box = drawn[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+            centre = box[box.shape[0] // 2, box.shape[1] // 2]
+            corners = box[[0, 0, -1, -1], [0, -1, 0, -1]]
+            if o.shape == "square":
+                assert fill >= 0.9 and centre and corners.all(), (o, fill)
+            elif o.shape == "circle":  # a ring
+                assert 0.3 <= fill <= 0.65 and not centre and not corners.any(), (o, fill)
+            else:  # a cross
+                assert 0.45 <= fill <= 0.75 and centre and not corners.any(), (o, fill)
 
 
 # -----------------------------------------------------------------------------
@@ -379,7 +383,7 @@ def test_shapes_tokenizer_covers_the_grammar():
     assert tok.words[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"] and len(tok) < 60
     # exactly the words the grammar produces, written out here: no "{" or "}" of the VE template
     prompts = "what does the image describe ? \" there is are at least and of box shape shapes"
-    grammar = set(prompts.split()) | set(SHAPE_WORDS) | {s + "s" for s in SHAPE_WORDS}
+    grammar = set(prompts.split()) | set(SHAPE_WORDS) | {"circles", "squares", "crosses"}
     grammar |= set(COLOUR_WORDS) | set(NUMBER) | {"yes", "no", "maybe", "left", "above"}
     assert set(tok.words[4:]) == grammar and len(tok.words) == len(grammar) + 4
     longest, seen_src = data.shapes_max_tokens(), 0  # what train.py asks of max_src_len etc.
