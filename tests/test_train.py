@@ -260,12 +260,13 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert state["step"] == 4 and len(state["losses"]) == 4
     assert [p.name for p in out.iterdir()] == ["ckpt.pt"]
 
-    # The two ranks averaged their gradients, each weighed by its tokens: the same steps in one
-    # process on the same global batch give nearly the same losses (not equal: the stem's
-    # BatchNorm takes its statistics over each rank's half; unweighted, step 1 was 6% off).
+    # Each rank's loss is weighed by its tokens, so the first loss (same weights) is the global
+    # batch's: unweighted it was 6% off. Not equal: the stem's BatchNorm takes its statistics
+    # over each rank's half, and that difference grows a little with every step.
     assert run(tmp_path / "one", "--steps", "4") == 0
     one = saved(tmp_path / "one")
-    assert state["losses"] == pytest.approx(one["losses"], rel=0.01)
+    assert state["losses"][0] == pytest.approx(one["losses"][0], rel=0.005)
+    assert state["losses"] == pytest.approx(one["losses"], rel=0.05)
 
 
 def test_report_calibrates_stores_thresholds_and_writes_json(tmp_path, capsys):
