@@ -83,7 +83,8 @@ class TrainConfig:
     target: float = 0.99  # calibration keeps at least this fraction of full-model quality
     dec_criterion: str = "confidence"  # the report's decoder exit signal (mue.DEC_SIGNALS):
     # "confidence" (max softmax) | "similarity" (the authors' hidden-state cosine) | a plugin's
-    dec_schedule: str = "constant"  # the report's decoder threshold: "constant" | "decay" (CALM)
+    dec_schedule: str = "decay"  # the report's decoder threshold: "decay" (the paper's, from
+    # CALM: it falls with the position, so a batch's late tokens leave sooner) | "constant"
     enc_criterion: str = "cosine"  # the report's encoder exit signal (mue.ENC_SIGNALS)
     val_size: int = 1000  # validation samples for calibration (both tasks together, shapes)
     test_size: int = 1000  # test samples in the report (shapes: generated)
