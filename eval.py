@@ -76,11 +76,12 @@ def quality(task: str, preds: list[str], refs: list[list[str]], per_sample=False
     ("per_sample", a list whose mean is the quality), which calibration's bound needs."""
     if task == "ve":
         each = [100.0 * (words(p) == words(r[0])) for p, r in zip(preds, refs, strict=True)]
-        q = {"quality": statistics.fmean(each), "accuracy": statistics.fmean(each)}
+        acc = statistics.fmean(each)
+        q = {"quality": acc, "accuracy": acc}
     elif task == "caption":
         bleu, cider, each = caption_scores(preds, refs)
-        q, each = {"quality": 100 * cider, "cider": 100 * cider, "bleu4": 100 * bleu}, [
-            100 * c for c in each]
+        each = [100 * c for c in each]
+        q = {"quality": 100 * cider, "cider": 100 * cider, "bleu4": 100 * bleu}
     else:
         raise ValueError(f"unknown task {task!r}: expected 'caption' or 've'")
     return {**q, "per_sample": each} if per_sample else q
@@ -192,6 +193,12 @@ class Run:
         self.refs += batch.refs
 
 
+def collated(samples, tok, cfg, batch_size, device) -> list:
+    """The samples as data.Batch of up to batch_size, in order, on the device."""
+    return [collate(samples[i:i + batch_size], tok, cfg.max_src_len, cfg.max_tgt_len,
+                    truncate=True).to(device) for i in range(0, len(samples), batch_size)]
+
+
 def prepare(dataset, tok, cfg, n, batch_size, device) -> dict[str, TaskData]:
     """The first n samples of `dataset` (all if n is None), grouped by task and collated once,
     reused by every configuration (rendering or decoding images is not what we want to time)."""
@@ -201,8 +208,7 @@ def prepare(dataset, tok, cfg, n, batch_size, device) -> dict[str, TaskData]:
         by_task.setdefault(s.task, []).append(s)
     out = {}
     for task, samples in by_task.items():
-        batches = [collate(samples[i:i + batch_size], tok, cfg.max_src_len, cfg.max_tgt_len,
-                           truncate=True).to(device) for i in range(0, len(samples), batch_size)]
+        batches = collated(samples, tok, cfg, batch_size, device)
         longest = max(len(tok.encode(r)) for s in samples for r in s.refs)
         room = cfg.max_tgt_len - max(b.prefix.shape[1] for b in batches) + 1  # after the prefix
         out[task] = TaskData(samples, batches, min(room, longest + 3))
@@ -395,10 +401,9 @@ def shallow_models(model, fractions=None):
 def shuffled(samples, what: str) -> list:
     """The samples, each with the next one's image (what="images") or prompt and decoder
     prefix ("texts"), cyclically: the pairs no longer match, the references stay."""
-    n = len(samples)
-    return [replace(s, image=o.image) if what == "images" else replace(s, src=o.src,
-                                                                          prefix=o.prefix)
-            for s, o in zip(samples, samples[1:] + samples[:1], strict=True)] if n > 1 else samples
+    moved = ("image",) if what == "images" else ("src", "prefix")
+    return [replace(s, **{f: getattr(o, f) for f in moved})
+            for s, o in zip(samples, samples[1:] + samples[:1], strict=True)]
 
 
 def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=True, n=None,
@@ -435,38 +440,39 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
         runs = run_configs(configs, td.batches, tok, td.max_new)  # quality; warms up b32
         timed = {}
         if timing:  # b32: the first batch again; b1: the first n_b1 samples, one by one
-            ones = [collate([s], tok, cfg.max_src_len, cfg.max_tgt_len, truncate=True).to(device)
-                    for s in td.samples[:n_b1]]
+            ones = collated(td.samples[:n_b1], tok, cfg, 1, device)
             timed = {"b32": run_configs(configs, td.batches[:1], tok, td.max_new, repeats),
                      "b1": run_configs(configs, ones, tok, td.max_new, repeats, warmup=True)}
         q_full = quality(task, runs[0].preds, runs[0].refs)["quality"]
         unknown = unknown_words(tok, [r for s in td.samples for r in s.refs])  # the model's <unk>
         for c, (name, _, e) in enumerate(configs):
-            row = {**summarize(name, task, runs[c], runs[0], q_full, depth, e),
-                   "unknown_ref_words": unknown}
-            for key in ("b1", "b32"):
-                rs = timed.get(key)
-                meas = sum(rs[0].seconds) / sum(rs[c].seconds) if rs else None
-                pred = sum(rs[0].macs) / sum(rs[c].macs) if rs else None
-                row.update({f"speedup_{key}": meas, f"pred_{key}": pred,
-                            f"ratio_{key}": meas / pred if rs else None,
-                            f"ms_{key}": 1e3 * statistics.fmean(rs[c].seconds) if rs else None})
-            rows.append(row)
+            rows.append({**summarize(name, task, runs[c], runs[0], q_full, depth, e),
+                         "unknown_ref_words": unknown, **speeds(timed, c)})
         for what in ("images", "texts") if task == "ve" else ("images",):
-            pairs = shuffled(td.samples, what)
-            mixed = [collate(pairs[i:i + batch_size], tok, cfg.max_src_len, cfg.max_tgt_len,
-                             truncate=True).to(device) for i in range(0, len(pairs), batch_size)]
+            mixed = collated(shuffled(td.samples, what), tok, cfg, batch_size, device)
             run = run_configs([("", model, None)], mixed, tok, td.max_new)[0]
             rows.append({**summarize(f"full, shuffled {what}", task, run, runs[0], q_full, depth,
-                                     None), "unknown_ref_words": unknown,
-                         **{f"{k}_{b}": None for k in ("speedup", "pred", "ratio", "ms")
-                            for b in ("b1", "b32")}})
+                                     None), "unknown_ref_words": unknown, **speeds({}, 0)})
         how = (f"timed: batch of {len(td.batches[0].src)} and {len(timed['b1'][0].preds)} at "
                f"batch 1, median of {repeats}" if timing else "untimed")
         log(f"compare {task} | {len(configs)} configurations x {len(td.samples)} samples "
             f"| {how} | {unknown['unknown']} of {unknown['words']} reference words unknown to "
             f"the vocabulary | {time.perf_counter() - t0:.1f} s")
     return rows
+
+
+def speeds(timed: dict, c: int) -> dict:
+    """Configuration c's timing columns against the full model (configuration 0) at batch size 1
+    and 32: measured speedup, FLOP-predicted speedup, their ratio, ms per unit; None untimed."""
+    out = {}
+    for key in ("b1", "b32"):
+        rs = timed.get(key)
+        meas = sum(rs[0].seconds) / sum(rs[c].seconds) if rs else None
+        pred = sum(rs[0].macs) / sum(rs[c].macs) if rs else None
+        out.update({f"speedup_{key}": meas, f"pred_{key}": pred,
+                    f"ratio_{key}": meas / pred if rs else None,
+                    f"ms_{key}": 1e3 * statistics.fmean(rs[c].seconds) if rs else None})
+    return out
 
 
 def _pct(x):
