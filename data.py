@@ -5,8 +5,8 @@ real ones (COCO captions, SNLI-VE) from files you already have. Nothing is ever 
 The paper (Tang et al., CVPR 2023, sec. 4) fine-tunes OFA on SNLI-VE and COCO captioning with
 OFA's prompts. The shapes world asks the same two questions of procedurally drawn scenes:
 
-    captioning   "what does the image describe?"                    -> "a red circle and a box"
-    entailment   'does the image describe " there is a red shape "?'   -> yes / no / maybe
+    captioning   "what does the image describe?"                      -> "a red circle and a box"
+    entailment   'does the image describe " there is a red shape "?'  -> yes / no / maybe
 
 The world. A scene is a 3x3 grid holding 1 to `max_objects` items in distinct cells. An item is an
 object (circle / square / cross, red / green / blue / yellow) or a closed box (a gray crate
@@ -144,7 +144,7 @@ MAX_CAPTION_WORDS = 16  # bounds max_objects: n different objects take 4n - 1 wo
 
 @dataclass(frozen=True)
 class Obj:
-    shape: str | None  # None on all three: the unknown object a box might hide (matches anything)
+    shape: str | None  # None on both: the unknown object a box might hide (matches anything)
     colour: str | None
     row: int
     col: int
@@ -213,9 +213,10 @@ def _label(claim, scene: Scene) -> str:
 
 
 def hypothesis(claim) -> str:
-    kind, colour, k = claim
-    return f"there is a {colour} shape" if k == 1 else \
-        f"there are at least {NUMBERS[k]} {colour} shapes"
+    _, colour, k = claim
+    if k == 1:
+        return f"there is a {colour} shape"
+    return f"there are at least {NUMBERS[k]} {colour} shapes"
 
 
 def _propose(rnd: random.Random, kind: str, objs) -> tuple:
