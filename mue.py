@@ -472,7 +472,8 @@ class MuE(nn.Module):
         mask = None if valid.all() else valid[:, None, None, :]  # (B, 1, 1, N)
         out, rows, h = None, torch.arange(B, device=x.device), x
         token_masks = [m for _, _, m in rules]  # compacted with h, like mask
-        for l, layer in enumerate(self.encoder[:L], start=1):
+        # zip, not self.encoder[:L]: slicing a ModuleList builds a new module on every call
+        for l, layer in zip(range(1, L + 1), self.encoder, strict=False):
             h_new = layer(h, mask)
             if (can_exit and l < L) or trace is not None:
                 done = torch.ones(len(rows), dtype=torch.bool, device=x.device)
