@@ -124,7 +124,7 @@ def sample_macs(model, ex, stem: int, n_txt: int, img_l: int, txt_l: int, dec: l
     dec: decoder layers run for each generated token, eos included; n_pre: the decoder's prefix,
     bos included (VE reads its prompt there), which runs the layers of the first token."""
     cfg = model.cfg
-    C, Ff, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_dec_layers
+    C, Ff, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     n_img, c_stem = model.grid ** 2, model.img_proj.in_features
 
     def enc_layer(n):  # q, k, v, out projections; QK^T and AV; the MLP
@@ -144,7 +144,8 @@ def sample_macs(model, ex, stem: int, n_txt: int, img_l: int, txt_l: int, dec: l
         per_layer = (n * (4 * C * C + 2 * C * C + 2 * C * Ff)  # projections (self q, k, v, out;
                      + 2 * n * keys * C + 2 * n * M * C)  # cross q, out), MLP; QK^T and AV
         macs += k * per_layer + (k if heads_at_every_layer else 1) * C * V  # heads: one token
-        macs += (L - k) * n * 2 * C * C  # state propagation: K/V for each layer it skipped
+        reached = max(dec[s + 1:], default=0)  # state propagation, on demand: K/V of the
+        macs += max(0, reached - k) * n * 2 * C * C  # skipped layers a later token reads
     return macs
 
 

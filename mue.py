@@ -20,8 +20,8 @@ What this file implements, by section of the paper:
 
 The exits follow README.md's "Faithfulness": per sample, strict `>`, at least one layer, rows
 that exited are dropped from the working set (so skipped layers cost nothing), and a token that
-exits the decoder early still leaves keys and values in every deeper layer's cache (CALM-style
-state propagation), so later tokens see a complete cache.
+exits the decoder early still has keys and values in every deeper layer's cache when a later
+token reads them (CALM-style state propagation), so later tokens see a complete cache.
 
 Read top to bottom: MuEConfig, ExitConfig, the exit signals, threshold schedules and loss weights
 (plain dicts from a name to a function: the places to add a variant, from a file of your own that
@@ -569,11 +569,14 @@ class MuE(nn.Module):
         decoder together with the token its last position predicts, as the authors' code exits
         a VE sample's whole decoder pass at once; each later step reads one generated token.
         After each decoder layer, a sample whose signal (DEC_SIGNALS[exit.dec_criterion], of its
-        predicting token) beats Theta(s) predicts from that layer and leaves the working set;
-        every deeper layer then gets cache entries for the tokens of this step computed from
-        their exit states (state propagation), and the rest go on. Encoder exits happen in
-        `encode`. Returns the generated tokens only; dec_layers counts per generated token, as
-        the paper does.
+        predicting token) beats Theta(s) predicts from that layer and leaves the working set,
+        and the rest go on. Its tokens' exit states are kept: when a later token of that row
+        reaches a layer they skipped, their cache entries there are computed from those states
+        first (state propagation, on demand: the same entries as writing them into every
+        deeper layer at the exit, without the cost of layers no later token reaches: a VE
+        prompt that left with its one-word answer needs them only where the eos goes deeper).
+        Encoder exits happen in `encode`. Returns the generated tokens only; dec_layers counts
+        per generated token, as the paper does.
         """
         if self.training:
             raise RuntimeError("call model.eval() before generate: dropout and batch-norm "
@@ -598,6 +601,9 @@ class MuE(nn.Module):
         def empty():
             return memory.new_zeros(B, H, P - 1 + S, cfg.d_model // H)
         caches = [(empty(), empty()) for _ in range(L)]
+        exit_h = memory.new_zeros(B, P - 1 + S, cfg.d_model)  # each token's state where it exited
+        cached = [torch.zeros(B, dtype=torch.long) for _ in range(L)]  # per layer, on the host:
+        # each row's positions below this are in that layer's cache (the rest skipped it)
         cross = CrossCache(self.decoder, memory)
         tokens = torch.full((B, S), cfg.pad_id, dtype=torch.long, device=dev)
         dec_layers = torch.zeros((B, S), dtype=torch.long, device=dev)
@@ -616,6 +622,20 @@ class MuE(nn.Module):
 
         def current(h):  # (b, n, C) -> (b, C), the state of each row's predicting token
             return h[:, 0] if h.shape[1] == 1 else h[torch.arange(len(at), device=dev), at]
+
+        def propagate(j, rows, s):
+            """State propagation, on demand: before rows (host) read layer j's cache at step s,
+            write the entries of their earlier tokens that skipped layer j, from their exit
+            states. Then mark this step's tokens as cached: layer j writes them itself."""
+            lo = cached[j][rows]  # (b,)
+            hi = first[rows] + s if s else torch.zeros_like(rows)  # (b,) this step's first slot
+            cached[j][rows] = first[rows] + s + 1
+            if (hi > lo).any():
+                pos = torch.arange(int(hi.max()))
+                r, p = ((pos >= lo[:, None]) & (pos < hi[:, None])).nonzero(as_tuple=True)
+                r, p = rows[r].to(dev), p.to(dev)  # (e,): one per missing (row, position)
+                put(caches[j], r, p[:, None], *self.decoder[j].self_kv(exit_h[r, p][:, None]))
+
         for s in range(S):
             theta = ex.dec_threshold_at(s, S)
             rows, rows_dev = alive, alive_dev  # this step's working set
@@ -628,6 +648,8 @@ class MuE(nn.Module):
             mask = mem_mask[rows_dev]  # (b, 1, 1, M); these are gathered again when rows leave
             h, state = x, None  # state: what the signal carries from a layer to the next
             for j, layer in enumerate(self.decoder):
+                if ex.dec_threshold < 1.0:  # else no token ever skips a layer
+                    propagate(j, rows, s)
                 h_new = layer.step(h, caches[j], rows_dev, slots, self_mask,
                                    cross.get(j, rows, rows_dev), mask)  # (b, n, C)
                 if j == L - 1:  # the last layer predicts for every sample still here
@@ -640,12 +662,10 @@ class MuE(nn.Module):
                     done_dev = value > theta  # (b,)
                     done = done_dev.cpu()  # one host sync per layer, for the compaction
                     if done.any():
-                        h_exit, idx = h_new[done_dev], rows_dev[done_dev]  # (e, n, C), (e,)
+                        idx = rows_dev[done_dev]  # (e,)
                         predict(idx, self.head(now[done_dev]) if logits is None
                                 else logits[done_dev], s, j + 1)
-                        for deeper in range(j + 1, L):  # state propagation into skipped layers
-                            put(caches[deeper], idx, slots[done_dev],
-                                *self.decoder[deeper].self_kv(h_exit))
+                        exit_h[idx[:, None], slots[done_dev]] = h_new[done_dev]  # (e, n, C)
                         if done.all():
                             break
                         keep, keep_dev = ~done, ~done_dev

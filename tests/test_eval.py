@@ -118,11 +118,12 @@ def test_macs_match_a_hand_count():
         return k * (4 * C * C + 2 * (t + 1) * C + 2 * C * C + 2 * M * C + 2 * C * Ff)
 
     # Image 2 layers, text 3, tokens through 3, 1, 2 decoder layers; confidence exits: the head
-    # at every layer a token runs; each early token fills K/V of the layers it skipped.
+    # at every layer a token runs; an early token gets K/V for the skipped layers that a later
+    # token reads: token 1 for layer 2 (token 2 reads it), token 2 for none (nothing follows).
     hand = (stem + patches + 2 * enc_img + 3 * enc_txt + 3 * cross_kv
             + dec(0, 3) + 3 * C * V
-            + dec(1, 1) + 1 * C * V + 2 * 2 * C * C
-            + dec(2, 2) + 2 * C * V + 1 * 2 * C * C)
+            + dec(1, 1) + 1 * C * V + 1 * 2 * C * C
+            + dec(2, 2) + 2 * C * V)
     conf = ExitConfig(0.5, 0.5, 0.5)
     assert ev.sample_macs(model, conf, stem, 5, 2, 3, [3, 1, 2]) == hand
     # Similarity exits read the head once per token, at the exit layer.
