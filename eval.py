@@ -327,11 +327,15 @@ def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log, z)
     bound of its val quality (kept_bound, z standard errors below the paired mean) keeps the
     target: the point estimate alone passes configurations whose luck on val does not carry
     to test. Each knob (image, text, decoder) is tried alone at every candidate and keeps its
-    passing candidate with the largest saving; the combination is then run, and while it
-    fails, the knob whose own choice lost the most quality steps back to its next passing
-    candidate (the full model always passes). About 20 runs over the val subset instead of a
-    grid's hundreds: the knobs' losses roughly add up, so the joint check rarely needs more
-    than a step or two."""
+    passing candidates, largest saving first; the combination of the first ones is then run,
+    and while it fails, each knob in turn steps back to its next passing candidate (or off),
+    each such combination is run, and the search moves to the passing one with the largest
+    saving, else to the one with the highest bound (the full model always passes). About 20
+    runs over the val subset instead of a grid's hundreds: the knobs' losses roughly add up,
+    so the joint check rarely needs more than a step or two. Trying every knob's step, not
+    only the one that lost most alone, matters when a knob's candidates all lose the same:
+    stepping it back gains nothing, and one run gave up the decoder's exits (27% of the
+    FLOPs) that way to keep the encoder's (8%)."""
     t0 = time.perf_counter()
     never = {f: 1.0 for f in KNOB_FIELDS.values()}
     full = run_configs([("full", model, None)], td.batches, tok, td.max_new)[0]
@@ -344,6 +348,8 @@ def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log, z)
     need, seen = target * q_full, {}
 
     def trial(fields_):  # -> (quality, its lower bound, FLOP-weighted saving); others at 1
+        if not fields_:  # every knob off: the full model
+            return q_full, q_full, 0.0
         key = tuple(sorted(fields_.items()))
         if key not in seen:
             ex = replace(base, **{**never, **fields_})
@@ -361,20 +367,23 @@ def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log, z)
         log(f"calibrate {task} | {knob} alone: " + ", ".join(
             f"{'/'.join(f'{v:.6g}' for v in c.values())} -> {q:.1f} (>= {b:.1f}, "
             f"{-100 * s:+.1f}% FLOPs)" for c, q, b, s in tried))
-    pick = {k: 0 for k, v in passing.items() if v}  # knob -> index into passing[k]
-    chosen, q, bound, saving = {}, q_full, q_full, 0.0
-    while pick:
-        fields_ = {f: v for k, i in pick.items() for f, v in passing[k][i][0].items()}
-        q, bound, saving = trial(fields_)
-        if bound >= need:
-            chosen = fields_
-            break
-        worst = min(pick, key=lambda k: passing[k][pick[k]][2])  # lost the most on its own
-        pick[worst] += 1
-        if pick[worst] == len(passing[worst]):
-            del pick[worst]
-    else:
-        q, bound, saving = q_full, q_full, 0.0  # nothing passes together: the full model
+
+    def joint(pick):  # knob -> index into passing[knob]  ->  the combination's fields
+        return {f: v for k, i in pick.items() for f, v in passing[k][i][0].items()}
+
+    def back(pick, k):  # knob k one step back: its next passing candidate, or off
+        return {**{j: i for j, i in pick.items() if j != k},
+                **({k: pick[k] + 1} if pick[k] + 1 < len(passing[k]) else {})}
+
+    pick = {k: 0 for k, v in passing.items() if v}  # each knob's largest passing saving
+    while trial(joint(pick))[1] < need:  # pick = {} (the full model) always passes
+        steps = [back(pick, k) for k in pick]
+        results = [trial(joint(p)) for p in steps]  # (quality, bound, saving) each
+        ok = [i for i, r in enumerate(results) if r[1] >= need]
+        pick = steps[max(ok, key=lambda i: results[i][2]) if ok else  # else highest bound,
+                     max(range(len(steps)), key=lambda i: results[i][1:])]  # then saving
+    chosen = joint(pick)
+    q, bound, saving = trial(chosen)
     ex = replace(base, **{**never, **chosen})
     log(f"calibrate {task} | full {q_full:.1f} | chosen {_thr(asdict(ex))} -> {q:.1f}, "
         f"bound {bound:.1f} ({_pct(q / q_full)}% kept, at least {_pct(bound / q_full)}% at "

@@ -273,6 +273,35 @@ def test_calibration_keeps_the_target_on_val(trained, tok, target, base, n):
         ev.calibrate(trained, val, tok, "cpu", 1.5)
 
 
+def test_calibration_steps_back_the_knob_that_helps_not_the_one_that_lost_most(monkeypatch):
+    """The joint search, on a stubbed model: each candidate breaks some of 400 VE answers and
+    saves some FLOPs, and a combination breaks the union. The decoder's candidates all break
+    the same three answers, so stepping the decoder back gains nothing; a search that always
+    stepped back the knob that lost most alone gave up the decoder (27% of the FLOPs) to keep
+    the image's 1%. Stepping the text back is what passes, and keeps 33%."""
+    breaks = {("img_threshold", 0.9): ({3}, 1), ("txt_threshold", 0.8): ({4, 5}, 8),
+              ("txt_threshold", 0.95): (set(), 5), ("dec_threshold", 0.5): ({0, 1, 2}, 27),
+              ("dec_threshold", 0.6): ({0, 1, 2}, 26), ("dec_threshold", 0.7): ({0, 1, 2}, 25)}
+
+    def run_configs(configs, units, tok, max_new, repeats=1, warmup=False):
+        runs = []
+        for _, _, ex in configs:
+            hit = [breaks[f, getattr(ex, f)] for f in ev.KNOB_FIELDS.values()
+                   if ex is not None and getattr(ex, f) < 1]
+            wrong = set().union(*[w for w, _ in hit])
+            saved = sum(s for _, s in hit)
+            runs.append(ev.Run(preds=["no" if i in wrong else "yes" for i in range(400)],
+                               refs=[["yes"]] * 400, macs=[100 - saved] * 400))
+        return runs
+
+    monkeypatch.setattr(ev, "run_configs", run_configs)
+    monkeypatch.setattr(ev, "knobs", lambda model, td, base, levels: {
+        k: [{f: v} for f, v in breaks if f == field] for k, field in ev.KNOB_FIELDS.items()})
+    td = ev.TaskData(samples=[None] * 400, batches=[], max_new=2)
+    ex = ev.calibrate_task(None, "ve", td, None, 0.99, ExitConfig(), (), lambda line: None, 0.0)
+    assert (ex.img_threshold, ex.txt_threshold, ex.dec_threshold) == (0.9, 0.95, 0.5)
+
+
 def test_joint_fusion_moves_both_encoder_thresholds_together(tok):
     """A joint encoder exits only when both modalities' rules agree: one knob sets both."""
     model = widened(fusion="joint", vocab_size=len(tok))
