@@ -627,12 +627,11 @@ class MuE(nn.Module):
             """State propagation, on demand: before rows (host) read layer j's cache at step s,
             write the entries of their earlier tokens that skipped layer j, from their exit
             states. Then mark this step's tokens as cached: layer j writes them itself."""
-            lo = cached[j][rows]  # (b,)
-            hi = first[rows] + s if s else torch.zeros_like(rows)  # (b,) this step's first slot
-            cached[j][rows] = first[rows] + s + 1
-            if (hi > lo).any():
-                pos = torch.arange(int(hi.max()))
-                r, p = ((pos >= lo[:, None]) & (pos < hi[:, None])).nonzero(as_tuple=True)
+            lo, top = cached[j][rows], first[rows] + s  # (b,) each: top = this step's last slot
+            cached[j][rows] = top + 1
+            if s and (top > lo).any():  # step 0 reads the prefix: nothing before it
+                pos = torch.arange(int(top.max()))
+                r, p = ((pos >= lo[:, None]) & (pos < top[:, None])).nonzero(as_tuple=True)
                 r, p = rows[r].to(dev), p.to(dev)  # (e,): one per missing (row, position)
                 put(caches[j], r, p[:, None], *self.decoder[j].self_kv(exit_h[r, p][:, None]))
 
