@@ -196,12 +196,13 @@ def captions(scene: Scene) -> list[str]:
     return refs
 
 
-# A claim is (kind, colour, k): "there is a <colour> shape" (k = 1) or "there are at least <k>
-# <colour> shapes" (k = 2, 3). Holding is existential, hence monotone in the set of objects.
+# A claim is (colour, k): "there is a <colour> shape" (k = 1, kind "colour") or "there are at
+# least <k> <colour> shapes" (k = 2, 3, kind "count"). Holding is existential, hence monotone in
+# the set of objects.
 
 
 def _holds(claim, objs) -> bool:
-    _, colour, k = claim
+    colour, k = claim
     return sum(o.colour in (None, colour) for o in objs) >= k  # None: what a box may hide
 
 
@@ -213,7 +214,7 @@ def _label(claim, scene: Scene) -> str:
 
 
 def hypothesis(claim) -> str:
-    _, colour, k = claim
+    colour, k = claim
     if k == 1:
         return f"there is a {colour} shape"
     return f"there are at least {NUMBERS[k]} {colour} shapes"
@@ -222,7 +223,7 @@ def hypothesis(claim) -> str:
 def _propose(rnd: random.Random, kind: str, objs) -> tuple:
     # half the time a visible object's colour, so that "yes" is reachable quickly
     colour = rnd.choice(objs).colour if rnd.random() < 0.5 else rnd.choice(tuple(COLOURS))
-    return kind, colour, 1 if kind == "colour" else rnd.randint(2, 3)
+    return colour, 1 if kind == "colour" else rnd.randint(2, 3)
 
 
 def render(scene: Scene, rnd: random.Random, image_size=24, grid=3, clutter=3,

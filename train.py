@@ -391,7 +391,7 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
                 _, loss = net(batch.images, batch.src, batch.tgt_in, batch.targets)
             if world > 1:  # each rank's loss is a mean over its own tokens: weigh it by them, so
                 # that DDP's mean over ranks is the mean over the global batch's tokens
-                n = (batch.targets != mcfg.pad_id).sum().float()
+                n = batch.tgt_mask.sum().float()  # the scored positions
                 total = n.clone()
                 dist.all_reduce(total)
                 loss = loss * n * world / total
