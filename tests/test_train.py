@@ -87,7 +87,7 @@ def test_auto_preset_is_gpu_with_a_cuda_gpu_and_says_why(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         mcfg, tcfg, given = train.parse_args(argv)
         assert tcfg.preset == preset and train.preset_reason(tcfg, given) == why
-        assert (tcfg.steps, mcfg.d_model) == ((2000, 128) if preset == "cpu" else (4000, 384))
+        assert (tcfg.steps, mcfg.d_model) == ((3000, 128) if preset == "cpu" else (4000, 384))
 
 
 def test_device_cuda_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys):
