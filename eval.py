@@ -417,7 +417,8 @@ def shuffled(samples, what: str) -> list:
 
 
 def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=True, n=None,
-            n_b1=8, repeats=3, shallow=None, ablations=(), log=print) -> list[dict]:
+            n_b1=8, n_batches=4, repeats=3, shallow=None, ablations=(), log=print
+            ) -> list[dict]:
     """Rows, one per configuration x task: the full model, MuE with `exits` (task -> ExitConfig;
     a task without one gets PAPER_EXITS), its decoder-only and encoder-only halves, static
     shallow models (shallow: fractions of the depth; None = every k + k), and for each ablation
@@ -427,7 +428,8 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
     shuffled texts" (with the next one's hypothesis): how much each task needs each input.
     Quality, retention and the reductions use all n samples (untimed). With timing, each
     configuration is timed against the full model, interleaved (see run_configs), at batch size
-    32 on the first batch and at batch size 1 on the first n_b1 samples (after a warm-up), each
+    32 on the first n_batches batches (one batch's time moves by several percent from run to run
+    on a shared machine) and at batch size 1 on the first n_b1 samples (after a warm-up), each
     unit the median of `repeats`: speedup_* = sum of the full model's times / this one's,
     pred_* the FLOP-predicted speedup on the same samples and
     ratio_* = measured / predicted."""
@@ -449,9 +451,10 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
                         (f"{label}: MuE", m, ab_exits.get(task) or PAPER_EXITS[task])]
         runs = run_configs(configs, td.batches, tok, td.max_new)  # quality; warms up b32
         timed = {}
-        if timing:  # b32: the first batch again; b1: the first n_b1 samples, one by one
+        if timing:  # b32: the first n_batches again; b1: the first n_b1 samples, one by one
             ones = collated(td.samples[:n_b1], tok, cfg, 1, device)
-            timed = {"b32": run_configs(configs, td.batches[:1], tok, td.max_new, repeats),
+            timed = {"b32": run_configs(configs, td.batches[:n_batches], tok, td.max_new,
+                                        repeats),
                      "b1": run_configs(configs, ones, tok, td.max_new, repeats, warmup=True)}
         q_full = quality(task, runs[0].preds, runs[0].refs)["quality"]
         unknown = unknown_words(tok, [r for s in td.samples for r in s.refs])  # the model's <unk>
@@ -463,8 +466,9 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
             run = run_configs([("", model, None)], mixed, tok, td.max_new)[0]
             rows.append({**summarize(f"full, shuffled {what}", task, run, runs[0], q_full, depth,
                                      None), "unknown_ref_words": unknown, **speeds({}, 0)})
-        how = (f"timed: batch of {len(td.batches[0].src)} and {len(timed['b1'][0].preds)} at "
-               f"batch 1, median of {repeats}" if timing else "untimed")
+        how = (f"timed: {len(timed['b32'][0].seconds)} batches of {len(td.batches[0].src)} and "
+               f"{len(timed['b1'][0].preds)} at batch 1, median of {repeats}" if timing
+               else "untimed")
         log(f"compare {task} | {len(configs)} configurations x {len(td.samples)} samples "
             f"| {how} | {unknown['unknown']} of {unknown['words']} reference words unknown to "
             f"the vocabulary | {time.perf_counter() - t0:.1f} s")
@@ -931,7 +935,7 @@ def evaluate(args) -> int:
     exits = every[0]
     result["exits"] = {t: asdict(e) for t, e in exits.items()}
     rows = compare(model, test_set, tok, args.device, exits, args.batch_size,
-                   not args.no_timing, args.n, args.n_b1, args.repeats,
+                   not args.no_timing, args.n, args.n_b1, repeats=args.repeats,
                    ablations=[(ablation_label(m.cfg, p), m, ab) for (p, m, _), ab
                               in zip(checkpoints[1:], every[1:], strict=True)])
     result["rows"] = rows
