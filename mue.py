@@ -52,7 +52,7 @@ class MuEConfig:
     d_model: int = 128  # width of every token (C in the shape comments)
     n_heads: int = 4  # attention heads; d_model must divide evenly
     d_ff: int = 256  # hidden width of the feed-forward blocks: twice d_model here, not the
-    # usual four times, so that a training step costs a sixth less and 3000 steps fit the
+    # usual four times, so that a training step costs an eighth less and 3000 steps fit the
     # ten minutes (on the shapes world they save more layers than 2000 steps at 512 do)
     n_enc_layers: int = 6  # encoder depth, shared by image and text (OFA-Base: 6)
     n_dec_layers: int = 6  # decoder depth; every layer can predict (OFA-Base: 6)
