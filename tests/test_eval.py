@@ -177,9 +177,10 @@ def own_quality(model, samples, tok, ex, batch_size=8):
     """Quality and mean encoder layers of one configuration, computed here from generate."""
     preds, img = [], []
     longest = max(len(tok.encode(r)) for s in samples for r in s.refs)
+    budget = 1 if samples[0].task == "ve" else longest + 3  # VE: the answer (ev.prepare)
     for i in range(0, len(samples), batch_size):
         b = collate(samples[i:i + batch_size], tok, truncate=True)
-        g = model.generate(b.images, b.src, longest + 3, exit=ex, prefix=b.prefix)
+        g = model.generate(b.images, b.src, budget, exit=ex, prefix=b.prefix)
         preds += [tok.decode(t) for t in g.tokens]
         img += g.img_layers.tolist()
     return ev.quality(samples[0].task, preds, [s.refs for s in samples])["quality"], img
@@ -238,6 +239,26 @@ def test_compare_rows(trained, tok):
             row = next(r for r in rows if r["task"] == task and r["name"] == f"full, shuffled "
                        f"{what}")
             assert row["quality"] == pytest.approx(own_quality(trained, pairs, tok, None)[0])
+
+
+def test_ve_is_decided_by_one_decoder_pass_as_the_authors_score_it(trained, tok):
+    """The authors' VE evaluation runs the prompt and an answer through the decoder once; here the
+    answer is the full model's argmax after the prompt in one teacher-forced forward, and each VE
+    sample counts one decoder decision (no eos step), while captions still end with their eos."""
+    samples = [ShapesDataset("test", "multi", image_size=32)[i] for i in range(16)]
+    data = ev.prepare(samples, tok, trained.cfg, None, 8, "cpu")
+    assert data["ve"].max_new == 1 and data["caption"].max_new > 1
+    run = ev.run_configs([("full", trained, None)], data["ve"].batches, tok, 1)[0]
+    assert run.dec == [[3]] * 8 and all(len(t) == 1 for t in run.tokens)
+    b = data["ve"].batches[0]
+    with torch.no_grad():
+        logits, _ = trained(b.images, b.src, b.tgt_in)  # (B, T, V)
+    last = (b.prefix != trained.cfg.pad_id).sum(1) - 1  # the prompt's last position
+    answers = logits[torch.arange(len(last)), last].argmax(-1)
+    assert run.preds == [tok.decode([a]) for a in answers.tolist()]
+    cap = ev.run_configs([("full", trained, None)], data["caption"].batches, tok,
+                         data["caption"].max_new)[0]
+    assert any(len(d) > 1 for d in cap.dec)
 
 
 def test_kept_bound_is_the_paired_mean_less_z_standard_errors():
