@@ -433,7 +433,7 @@ def shuffled(samples, what: str) -> list:
 
 
 def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=True, n=None,
-            n_b1=8, n_batches=4, repeats=3, shallow=None, ablations=(), log=print
+            n_b1=16, n_batches=4, repeats=3, shallow=None, ablations=(), log=print
             ) -> list[dict]:
     """Rows, one per configuration x task: the full model, MuE with `exits` (task -> ExitConfig;
     a task without one gets PAPER_EXITS), its decoder-only and encoder-only halves, static
@@ -445,10 +445,10 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
     Quality, retention and the reductions use all n samples (untimed). With timing, each
     configuration is timed against the full model, interleaved (see run_configs), at batch size
     32 on the first n_batches batches (one batch's time moves by several percent from run to run
-    on a shared machine) and at batch size 1 on the first n_b1 samples (after a warm-up), each
-    unit the median of `repeats`: speedup_* = sum of the full model's times / this one's,
-    pred_* the FLOP-predicted speedup on the same samples and
-    ratio_* = measured / predicted."""
+    on a shared machine) and at batch size 1 on the first n_b1 samples (after a warm-up; with 8,
+    which 8 moved VE's speedup by 0.05 against the first 16), each unit the median of
+    `repeats`: speedup_* = sum of the full model's times / this one's, pred_* the
+    FLOP-predicted speedup on the same samples and ratio_* = measured / predicted."""
     cfg = model.cfg
     depth = (cfg.n_enc_layers, cfg.n_dec_layers)
     data = prepare(test_set, tok, cfg, n, batch_size, device)
@@ -820,7 +820,7 @@ def parser():
     p.add_argument("--n-val", type=positive, help="val samples for --calibrate (default: "
                    "train.py's val_size, else 300)")
     p.add_argument("--batch-size", type=positive, default=32)
-    p.add_argument("--n-b1", type=positive, default=8, help="samples timed at batch 1, per task")
+    p.add_argument("--n-b1", type=positive, default=16, help="samples timed at batch 1, per task")
     p.add_argument("--repeats", type=positive, default=3, help="timed runs per unit (median)")
     p.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
     p.add_argument("--threads", type=positive, help="torch CPU threads (1: faster on a busy CPU)")
