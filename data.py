@@ -1,48 +1,20 @@
-"""
-Data for MuE: a synthetic shapes world that poses both of the paper's tasks, and loaders for the
-real ones (COCO captions, SNLI-VE) from files you already have. Nothing is ever downloaded.
+"""Data for MuE: a synthetic shapes world that poses both of the paper's tasks, and loaders for
+the real ones (COCO captions, SNLI-VE) from files you already have. Nothing is ever downloaded.
 
-The paper (Tang et al., CVPR 2023, sec. 4) fine-tunes OFA on SNLI-VE and COCO captioning with
-OFA's prompts. The shapes world asks the same two questions of procedurally drawn scenes:
+The paper (Sec. 4) fine-tunes OFA on COCO captioning and SNLI-VE with OFA's prompts. The shapes
+world asks the same two questions of procedurally drawn scenes:
 
     captioning   "what does the image describe?"                      -> "a red circle and a box"
     entailment   'does the image describe " there is a red shape "?'  -> yes / no / maybe
 
-The world. A scene is a 3x3 grid holding 1 to `max_objects` items in distinct cells. An item is an
-object (circle / square / cross, red / green / blue / yellow) or a closed box (a gray crate
-with an X on its lid). Everything a text may say is in `Scene`; rendering adds only nuisance
-(background tint, thin gray clutter strokes, small jitter, pixel noise).
-
-The "maybe" rule. A closed box may hide one object of any shape and colour, or nothing. A
-hypothesis is "yes" if it holds whatever the box hides, "no" if it fails whatever the box hides,
-and "maybe" when the answer depends on what is inside. Every hypothesis is monotone ("there is",
-"at least k"), so in practice: yes = true of the visible objects; maybe = false of them but true
-if the box held the right object; no = otherwise. A scene without a box never gets "maybe", and
-with a box "there is ..." is never "no", so the label needs the claim and the image together
-(alone, the hypothesis text predicts 43% of the labels, box-or-not 58%, `python data.py` prints
-the mix; the report's shuffled rows measure what the model makes of each alone).
-
-Hypothesis kinds, easy to hard (labels and kinds cycle with the index, so they are balanced):
-    colour   "there is a red shape"                    one object of a colour
-    count    "there are at least two red shapes"       k in {2, 3} of them
-Shapes are named in captions only. Claims about them ("there is a square"), about sizes and about
-spatial relations were tried, and the CPU preset stayed at chance on each in its ten minutes
-(shape claims alone, yes / no: 57% after 1,200 steps with filled circles and triangles, 51%
-after 600 with rings and crosses), while colour claims reach 97% in 800 steps; and a task the
-full model has not learned teaches nothing about exits.
-
-Splits. A scene's key is its items and cells (no nuisance); a fixed hash of the key sends it to
-test (10%), val (10%) or train (80%) whatever the seed, and the sampler redraws until the scene
-belongs to the requested split. So train, val and test never share a scene.
+A scene is a 3x3 grid of 1 to `max_objects` items: objects (circle, square, cross in four
+colours) and perhaps a closed box, which may hide one object or nothing. A hypothesis is "yes" if
+it holds whatever the box hides, "no" if it fails whatever it hides, "maybe" otherwise; so the
+label needs the claim and the image together. Train, val and test never share a scene. Why the
+world is what it is (colours and counts only, 24 px): docs/results.md, "The world".
 
     python data.py                       # grid of samples -> out/shapes_samples.png, difficulty mix
     python data.py --task ve --n 16 --out out/ve.png
-
-Real data, read as published: COCO captions in Karpathy's split (dataset_coco.json) and SNLI-VE
-(snli_ve_{train,dev,test}.jsonl with the Flickr30k images); see CocoCaptions and SnliVE. Before a
-long run, check the files: every image is decoded once, and each bad one is listed with the
-annotation naming it (exit status 1 if any).
-
     python data.py --check --data snli_ve --ann snli_ve/ --images flickr30k-images/
 """
 
@@ -616,6 +588,20 @@ class SnliVE(AnnotatedImages):
         self._finish(jsonl_path, image_size, must_exist)
 
 
+def check_source(source: str, ann: str = "", images: str = "", shapes: str = ""):
+    """The settings of a data source, checked before anything is read (train.py checks them
+    before its first step): ValueError names the flag that is wrong."""
+    if source not in ("shapes", "coco", "snli_ve"):
+        raise ValueError(f"unknown data source {source!r}: expected shapes, coco or snli_ve")
+    if source == "shapes":
+        ShapesDataset(**shapes_settings(shapes))  # the names and the values of --shapes
+    elif shapes:
+        raise ValueError(f"--shapes sets the shapes world, not {source}")
+    elif not (ann and images):
+        raise ValueError(f"data {source} needs --ann and --images, an annotation path and an "
+                         f"image folder (nothing is downloaded)")
+
+
 def load_split(source: str, split: str, ann: str = "", images: str = "", image_size: int = 24,
                task: str = "multi", seed: int = 0, size: int | None = None, premise: bool = True,
                max_src_len: int = 32, max_tgt_len: int = 32, must_exist: bool = True,
@@ -629,15 +615,10 @@ def load_split(source: str, split: str, ann: str = "", images: str = "", image_s
     and eval.py both load their data here, so they score the same samples."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
+    check_source(source, ann, images, shapes)
     if source == "shapes":
         return ShapesDataset(split, task, size=size, seed=seed, image_size=image_size,
                              **shapes_settings(shapes))
-    if source not in ("coco", "snli_ve"):
-        raise ValueError(f"unknown data source {source!r}: expected shapes, coco or snli_ve")
-    if shapes:
-        raise ValueError(f"--shapes sets the shapes world, not {source}")
-    if not (ann and images):
-        raise ValueError(f"data {source} needs an annotation path and an image folder")
     if source == "coco":  # the decoder reads bos + the caption: max_tgt_len - 1 words
         return CocoCaptions(ann, images, split, image_size, max_tgt_len - 1, size, must_exist)
     name = "dev" if split == "val" else split

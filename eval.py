@@ -1,12 +1,10 @@
 """What MuE's exits save, measured three ways side by side, and the figures to see it.
 
-Tang et al., "You Need Multiple Exiting", CVPR 2023 (arXiv 2211.11152), report one efficiency
-number, the "expected time reduction" 1 - (layers used) / (layers in the model) (Sec. 4, Tables
-1-3). This file reports it next to two numbers that can disagree with it: a FLOP-weighted
-reduction (the ResNet stem runs in full whatever exits, image tokens outnumber text tokens, a
-decoder layer runs once per generated word) and the wall-clock speedup measured against the full
-model, with the ratio measured / FLOP-predicted beside it, so that a saving which never becomes
-time shows up as a ratio below 1.
+The paper reports one efficiency number, the "expected time reduction" 1 - (layers used) /
+(layers in the model) (Sec. 4, Tables 1-3). This file reports it beside a FLOP-weighted reduction
+(the ResNet stem runs in full whatever exits, image tokens outnumber text tokens, a decoder layer
+runs once per generated word) and the wall-clock speedup measured against the full model, with
+the ratio measured / FLOP-predicted, so that a saving which never becomes time shows.
 
     python eval.py --ckpt out/ckpt.pt                             # full vs MuE vs baselines, test
     python eval.py --ckpt out/ckpt.pt --calibrate --target 0.99   # thresholds from val, stored
@@ -14,18 +12,14 @@ time shows up as a ratio below 1.
     python eval.py --ckpt out/ckpt.pt --ablation out/joint.pt --ablation out/last.pt
     python eval.py --ckpt out/ckpt.pt --plugin tests/exercises/entropy_exit.py --criterion entropy
 
---plugin FILE.py runs a file that registers exit signals or schedules in mue's dicts first, so
---criterion, --enc-criterion and --schedule take its names (README, "Exercises"). Writes under
---out, by default the checkpoint's folder: profiles.png (the paper's Fig. 3: every exit signal of
-every layer, nothing skipped), exits.png (where the image, the text and each generated word
-exited), words.png (a few captions, word by layer) and, with --sweep, sweep.png. --json PATH gets
-every number of the tables.
+Writes under --out (default: the checkpoint's folder) profiles.png (the paper's Fig. 3),
+exits.png (where each modality and word exited), words.png (captions word by layer) and, with
+--sweep, sweep.png; --json PATH gets every number of the tables.
 """
 
 import argparse
 import itertools
 import json
-import math
 import os
 import re
 import statistics
@@ -39,32 +33,25 @@ import torch.nn as nn
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from data import BadImage, Tokenizer, collate, load_split, positive, unknown_words
-from mue import (DEC_SCHEDULES, DEC_SIGNALS, ENC_SIGNALS, PLUGINS, ExitConfig, load_checkpoint,
-                 load_plugin, made_with, save_checkpoint)
+from data import BadImage, Tokenizer, clean, collate, load_split, positive, unknown_words
+from mue import (DEC_SCHEDULES, DEC_SIGNALS, ENC_SIGNALS, PLUGINS, ExitConfig, atomic_write,
+                 load_checkpoint, load_plugin, made_with, save_checkpoint)
 
 # Thresholds (image / text / decoder) of the authors' scripts, used when a checkpoint carries no
-# calibrated ones. A small model trained from scratch has its own similarity profile, so these are
-# a starting point, not an answer: run --calibrate.
+# calibrated ones: a starting point for a model trained from scratch, not an answer.
 PAPER_EXITS = {"ve": ExitConfig(0.7, 0.99, 0.7), "caption": ExitConfig(0.99, 0.7, 0.9)}
 KNOB_FIELDS = {"img": "img_threshold", "txt": "txt_threshold", "dec": "dec_threshold"}
 
-# ----------------------------------------------------------------------------------------------
-# Quality: VE accuracy, caption BLEU-4 and CIDEr-D (pycocoevalcap's scorers, as everyone reports).
-
-
-def words(text: str) -> str:
-    """Lower case, punctuation dropped, single spaces. Outputs and references go through this
-    before scoring; the COCO toolkit's PTB tokenizer would need Java."""
-    return " ".join(re.sub(r"[^\w\s]", "", text.lower()).split())
+# -- Quality: VE accuracy, caption BLEU-4 and CIDEr-D (pycocoevalcap's scorers, as everyone
+# reports; outputs and references are cleaned alike, since the toolkit's tokenizer needs Java).
 
 
 def caption_scores(preds: list[str], refs: list[list[str]]) -> tuple[float, float, list]:
     """Corpus BLEU-4 and CIDEr-D, raw (BLEU in [0, 1], CIDEr-D up to 10), and each sample's
     CIDEr-D (their mean is the corpus score). CIDEr-D takes its idf from the references of the
     scored set, so it compares configurations on the same samples only, as this file does."""
-    gts = {i: [words(r) for r in rs] for i, rs in enumerate(refs)}
-    res = {i: [words(p)] for i, p in enumerate(preds)}
+    gts = {i: [clean(r) for r in rs] for i, rs in enumerate(refs)}
+    res = {i: [clean(p)] for i, p in enumerate(preds)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, each = Cider().compute_score(gts, res)
     return float(bleu[3]), float(cider), [float(c) for c in each]
@@ -75,7 +62,7 @@ def quality(task: str, preds: list[str], refs: list[list[str]], per_sample=False
     accuracy (the answer against refs[0]) or CIDEr-D; per_sample adds each sample's share of it
     ("per_sample", a list whose mean is the quality), which calibration's bound needs."""
     if task == "ve":
-        each = [100.0 * (words(p) == words(r[0])) for p, r in zip(preds, refs, strict=True)]
+        each = [100.0 * (clean(p) == clean(r[0])) for p, r in zip(preds, refs, strict=True)]
         acc = statistics.fmean(each)
         q = {"quality": acc, "accuracy": acc}
     elif task == "caption":
@@ -87,11 +74,10 @@ def quality(task: str, preds: list[str], refs: list[list[str]], per_sample=False
     return {**q, "per_sample": each} if per_sample else q
 
 
-# ----------------------------------------------------------------------------------------------
-# Cost of one sample, from its own exits. MACs (multiply-accumulates) of the matrix products:
-# convolutions, linear layers and the two attention products. Norms, activations, softmax,
-# pooling and the exit cosines are O(tokens x width) and left out, as is customary; what they and
-# Python cost shows up in the measured / predicted ratio instead.
+# -- Cost of one sample, from its own exits: multiply-accumulates (MACs) of the matrix products
+# (convolutions, linear layers, the two attention products). Norms, activations, softmax and the
+# exit checks are O(tokens x width) and left out, as is customary; what they and Python cost
+# shows in the measured / predicted ratio instead.
 
 
 def stem_macs(model) -> int:
@@ -121,9 +107,8 @@ def sample_macs(model, ex, stem: int, n_txt: int, img_l: int, txt_l: int, dec: l
                 n_pre: int = 1) -> int:
     """MACs of one sample as `MuE.generate` runs it. n_txt: its real prompt tokens (padding is an
     artefact of batching, absent at batch size 1); img_l, txt_l: encoder layers run per modality;
-    dec: decoder layers run for each generated token (a caption's eos too); n_pre: the
-    decoder's prefix, bos included (VE reads its prompt there), which runs the layers of the
-    first token."""
+    dec: decoder layers run for each generated token; n_pre: the decoder's prefix, bos included,
+    which runs the layers of the first token."""
     cfg = model.cfg
     C, Ff, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     n_img, c_stem = model.grid ** 2, model.img_proj.in_features
@@ -156,16 +141,14 @@ def layer_reduction(img_l, txt_l, dec: list[int], n_enc: int, n_dec: int) -> flo
     return 1 - ((img_l + txt_l) / 2 + sum(dec) / len(dec)) / (n_enc + n_dec)
 
 
-# ----------------------------------------------------------------------------------------------
-# Running configurations: a configuration is (name, model, ExitConfig or None = every layer).
+# -- Running configurations: a configuration is (name, model, ExitConfig or None = every layer).
 
 
 @dataclass
 class TaskData:
     samples: list  # data.Sample, the first n of the split for this task
     batches: list  # data.Batch of up to batch_size, on the device
-    max_new: int  # generation budget: captions the longest reference, plus eos and a margin;
-    # VE 1, its answer (see prepare)
+    max_new: int  # generation budget: captions the longest reference, eos and a margin; VE 1
 
 
 @dataclass
@@ -204,13 +187,10 @@ def collated(samples, tok, cfg, batch_size, device) -> list:
 
 def prepare(dataset, tok, cfg, n, batch_size, device) -> dict[str, TaskData]:
     """The first n samples of `dataset` (all if n is None), grouped by task and collated once,
-    reused by every configuration (rendering or decoding images is not what we want to time).
-    VE is decided in one decoder pass, as the authors evaluate it (eval_snli_ve in OFA's MuE
-    branch): the prompt and an answer go through the decoder once and the answers are scored;
-    the eos they score after the answer is forced by their constraint, so it decides nothing and
-    costs no pass of its own. Here: one generated token, the answer, from the prefix's pass.
-    Generating the eos too would add a step that exits at once and flatter the decoder depth
-    per token (one checkpoint, same thresholds: 1.70 layers a token with it, 2.40 without)."""
+    reused by every configuration (reading images is not what we time). VE is decided in one
+    decoder pass, as the authors evaluate it (eval_snli_ve in OFA's MuE branch scores the
+    answers after the prompt; the eos after them is forced, so it decides nothing): one
+    generated token, the answer, from the prefix's pass."""
     by_task = {}
     for i in range(len(dataset) if n is None else min(n, len(dataset))):
         s = dataset[i]
@@ -272,19 +252,16 @@ def summarize(name, task, run: Run, full: Run, q_full, depth, ex) -> dict:
             "thresholds": None if ex is None else asdict(ex), "samples": len(run.preds)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Threshold candidates come from the model's own exit signals on the data (MuE.profile): a
-# quantile q of a signal over the layers where an exit is possible is a threshold that the
-# (sample, layer) pairs above it would pass. A small model trained from scratch has its own
-# similarity profile; a fixed grid would mostly land where nothing, or everything, exits.
-# calibrate's levels reach down to the 1% quantile: a trained decoder is sure of most tokens at
-# most layers, so its confidences bunch near 1 and the 10% quantile (0.99 and above on both
-# tasks, one checkpoint) lost nothing on val, while lower ones (0.92 on captioning, 0.91 on VE)
-# lost nothing either and saved 2 and 4.5 points more of the FLOPs. And an encoder's values
-# cluster by layer: the first layer moves the text far from its embeddings (cosines near 0.1),
-# later ones little (above 0.7), and with L = 6 the first layer is a fifth of the pool, so the
-# 20% level is the threshold at which every text runs two layers, between the 30% one (some run
-# deeper) and the 10% one (half leave after one).
+# -- Calibration. Candidate thresholds are quantiles of the model's own exit signals on the val
+# samples (MuE.profile), over the layers where an exit is possible: a model trained from scratch
+# has its own similarity profile, where a fixed grid would mostly land where nothing, or
+# everything, exits. Why these levels: docs/results.md, "Calibration".
+LEVELS = (0.95, 0.85, 0.7, 0.5, 0.3, 0.2, 0.1, 0.03, 0.01)
+
+
+def check_target(target):
+    if not 0 < target <= 1:
+        raise ValueError(f"--target must be in (0, 1], got {target}")
 
 
 def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]]:
@@ -315,43 +292,35 @@ def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]
 
 
 def calibrate(model, val_set, tok, device, target=0.99, batch_size=32, n=None, base=None,
-              levels=(0.95, 0.85, 0.7, 0.5, 0.3, 0.2, 0.1, 0.03, 0.01), log=print, z=1.645
-              ) -> dict[str, ExitConfig]:
+              log=print, z=1.645) -> dict[str, ExitConfig]:
     """Per task in the first n samples of val_set: the thresholds keeping at least `target` x the
     full model's quality there, with 95% confidence (z: see kept_bound; 0 trusts the val
     estimate as it is), with the largest FLOP-weighted saving. base carries the decoder
     criterion and schedule; its thresholds are ignored."""
-    if not 0 < target <= 1:
-        raise ValueError(f"target must be in (0, 1], got {target}")
+    check_target(target)
     data = prepare(val_set, tok, model.cfg, n, batch_size, device)
-    return {task: calibrate_task(model, task, td, tok, target, base or ExitConfig(), levels, log,
+    return {task: calibrate_task(model, task, td, tok, target, base or ExitConfig(), LEVELS, log,
                                  z) for task, td in data.items()}
 
 
 def kept_bound(each, full_each, z) -> float:
     """A one-sided lower confidence bound on a configuration's quality, from the same samples
     run by the full model: the full model's quality plus the mean paired difference, less z
-    standard errors of that mean (z = 1.645: 95%). A configuration that changes few answers has
-    a tight bound; one that trades many wins for many losses has a loose one."""
+    standard errors of that mean (z = 1.645: 95%)."""
     d = [a - b for a, b in zip(each, full_each, strict=True)]
-    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0
     return statistics.fmean(full_each) + statistics.fmean(d) - z * se
 
 
 def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log, z) -> ExitConfig:
     """Coordinate search, then a joint check. A configuration passes when the lower confidence
-    bound of its val quality (kept_bound, z standard errors below the paired mean) keeps the
-    target: the point estimate alone passes configurations whose luck on val does not carry
-    to test. Each knob (image, text, decoder) is tried alone at every candidate and keeps its
-    passing candidates, largest saving first; the combination of the first ones is then run,
-    and while it fails, each knob in turn steps back to its next passing candidate (or off),
-    each such combination is run, and the search moves to the passing one with the largest
-    saving, else to the one with the highest bound (the full model always passes). About 30
-    runs over the val subset instead of a grid's hundreds: the knobs' losses roughly add up,
-    so the joint check rarely needs more than a step or two. Trying every knob's step, not
-    only the one that lost most alone, matters when a knob's candidates all lose the same:
-    stepping it back gains nothing, and one run gave up the decoder's exits (27% of the
-    FLOPs) that way to keep the encoder's (8%)."""
+    bound of its val quality (kept_bound) keeps the target. Each knob (image, text, decoder) is
+    tried alone at every candidate and keeps its passing candidates, largest saving first; the
+    combination of the first ones is then run, and while it fails, each knob in turn steps back
+    to its next passing candidate (or off), and the search moves to the passing combination with
+    the largest saving, else to the one with the highest bound (the full model always passes).
+    Trying every knob's step, not only the one that lost most alone, matters when a knob's
+    candidates all lose the same (docs/results.md, "Calibration")."""
     t0 = time.perf_counter()
     never = {f: 1.0 for f in KNOB_FIELDS.values()}
     full = run_configs([("full", model, None)], td.batches, tok, td.max_new)[0]
@@ -408,16 +377,14 @@ def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log, z)
     return ex
 
 
-# ----------------------------------------------------------------------------------------------
-# The comparison: every configuration on the same test samples, timed against the full model.
+# -- The comparison: every configuration on the same test samples, timed against the full model.
 
 
-def shallow_models(model, fractions=None):
-    """Static shallow models (first k layers, the paper's OFA-Tiny-style baseline), at these
-    fractions of the depth; None: every k + k from L - 1 down to 1."""
+def shallow_models(model):
+    """Static shallow models, every k + k from L - 1 down to 1 (the paper's OFA-Tiny-style
+    baseline: the first k layers of each stack)."""
     L_enc, L_dec = model.cfg.n_enc_layers, model.cfg.n_dec_layers
-    if fractions is None:
-        fractions = [k / max(L_enc, L_dec) for k in range(1, max(L_enc, L_dec))]
+    fractions = [k / max(L_enc, L_dec) for k in range(1, max(L_enc, L_dec))]
     ks = sorted({(max(1, round(f * L_enc)), max(1, round(f * L_dec))) for f in fractions},
                 reverse=True)
     return [(f"static {e}+{d}", model.truncated(e, d).eval()) for e, d in ks
@@ -433,26 +400,21 @@ def shuffled(samples, what: str) -> list:
 
 
 def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=True, n=None,
-            n_b1=16, n_batches=4, repeats=3, shallow=None, ablations=(), log=print
-            ) -> list[dict]:
+            n_b1=16, repeats=3, ablations=(), log=print) -> list[dict]:
     """Rows, one per configuration x task: the full model, MuE with `exits` (task -> ExitConfig;
-    a task without one gets PAPER_EXITS), its decoder-only and encoder-only halves, static
-    shallow models (shallow: fractions of the depth; None = every k + k), and for each ablation
-    (label, model, exits) its full model and its MuE (with the ablation's own exits, else
-    PAPER_EXITS: never the main model's). Then, untimed, the full model on mismatched pairs:
-    "full, shuffled images" (each sample with the next one's image) and, for VE, "full,
-    shuffled texts" (with the next one's hypothesis): how much each task needs each input.
-    Quality, retention and the reductions use all n samples (untimed). With timing, each
-    configuration is timed against the full model, interleaved (see run_configs), at batch size
-    32 on the first n_batches batches (one batch's time moves by several percent from run to run
-    on a shared machine) and at batch size 1 on the first n_b1 samples (after a warm-up; with 8,
-    which 8 moved VE's speedup by 0.05 against the first 16), each unit the median of
-    `repeats`: speedup_* = sum of the full model's times / this one's, pred_* the
-    FLOP-predicted speedup on the same samples and ratio_* = measured / predicted."""
+    a task without one gets PAPER_EXITS), its decoder-only and encoder-only halves, every static
+    k + k, and for each ablation (label, model, exits) its full model and its MuE (with the
+    ablation's own exits, else PAPER_EXITS: never the main model's). Then, untimed, the full
+    model on mismatched pairs ("full, shuffled images", and for VE "full, shuffled texts"): how
+    much each task needs each input. Quality and the reductions use all n samples. With timing,
+    each configuration is timed against the full model, interleaved (run_configs), on the first
+    4 batches of batch_size and the first n_b1 samples one by one (after a warm-up), each unit
+    the median of `repeats`: speedup_* = the full model's time / this one's, pred_* the
+    FLOP-predicted speedup on the same samples, ratio_* = measured / predicted."""
     cfg = model.cfg
     depth = (cfg.n_enc_layers, cfg.n_dec_layers)
     data = prepare(test_set, tok, cfg, n, batch_size, device)
-    shallows = shallow_models(model, shallow)
+    shallows = shallow_models(model)
     rows = []
     for task, td in data.items():
         t0 = time.perf_counter()
@@ -467,10 +429,9 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
                         (f"{label}: MuE", m, ab_exits.get(task) or PAPER_EXITS[task])]
         runs = run_configs(configs, td.batches, tok, td.max_new)  # quality; warms up b32
         timed = {}
-        if timing:  # b32: the first n_batches again; b1: the first n_b1 samples, one by one
+        if timing:  # the first 4 batches again (why 4 and 16: docs/results.md, "Timing")
             ones = collated(td.samples[:n_b1], tok, cfg, 1, device)
-            timed = {"b32": run_configs(configs, td.batches[:n_batches], tok, td.max_new,
-                                        repeats),
+            timed = {"b32": run_configs(configs, td.batches[:4], tok, td.max_new, repeats),
                      "b1": run_configs(configs, ones, tok, td.max_new, repeats, warmup=True)}
         q_full = quality(task, runs[0].preds, runs[0].refs)["quality"]
         unknown = unknown_words(tok, [r for s in td.samples for r in s.refs])  # the model's <unk>
@@ -510,9 +471,7 @@ def _pct(x):
 
 
 def _thr(t):
-    if t is None:
-        return "-"
-    return "/".join(f"{t[f]:.6g}" for f in KNOB_FIELDS.values())
+    return "-" if t is None else "/".join(f"{t[f]:.6g}" for f in KNOB_FIELDS.values())
 
 
 def _speed(r, key):
@@ -549,8 +508,7 @@ def format_table(rows, columns=COLUMNS) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], key])
 
 
-# ----------------------------------------------------------------------------------------------
-# Sweep: a grid over the thresholds, against static shallow models and decoder-only exits.
+# -- Sweep: a grid over the thresholds, against static shallow models and decoder-only exits.
 
 
 def sweep(model, test_set, tok, device, grid=4, n=None, batch_size=32, base=None, out="out",
@@ -566,17 +524,16 @@ def sweep(model, test_set, tok, device, grid=4, n=None, batch_size=32, base=None
     rows = []
     for task, td in prepare(test_set, tok, cfg, n, batch_size, device).items():
         t0 = time.perf_counter()
-        ks = knobs(model, td, base, levels)
         configs = [("full", model, None)]
-        for combo in itertools.product(*[[{}] + v for v in ks.values()]):
+        for combo in itertools.product(*[[{}] + v for v in knobs(model, td, base,
+                                                                  levels).values()]):
             fields_ = {f: v for c in combo for f, v in c.items()}
             if fields_:
                 ex = replace(base, **{**never, **fields_})
                 kind = ("decoder only" if ex.img_threshold == ex.txt_threshold == 1.0 else
                         "encoder only" if ex.dec_threshold == 1.0 else "MuE")
                 configs.append((kind, model, ex))
-        configs += [(name, m, None) for name, m in
-                    shallow_models(model, [k / max(depth) for k in range(1, max(depth))])]
+        configs += [(name, m, None) for name, m in shallow_models(model)]
         log(f"sweep {task} | {len(configs)} configurations x {len(td.samples)} samples "
             f"({base.dec_criterion}, {base.dec_schedule})")
         runs, chunk = [], -(-len(configs) // 10)  # a progress line per tenth: it takes minutes
@@ -586,11 +543,10 @@ def sweep(model, test_set, tok, device, grid=4, n=None, batch_size=32, base=None
         q_full = quality(task, runs[0].preds, runs[0].refs)["quality"]
         task_rows = [summarize(name, task, r, runs[0], q_full, depth, e)
                      for (name, _, e), r in zip(configs, runs, strict=True)]
-        for r in task_rows:
-            r["kind"] = "static" if r["name"].startswith("static") else r["name"]
         points = {(r["quality"], r["flop_reduction"]) for r in task_rows if r["thresholds"]}
         for r in task_rows:  # Pareto: no exit configuration is as good on both and better on one
             q, f = r["quality"], r["flop_reduction"]
+            r["kind"] = "static" if r["name"].startswith("static") else r["name"]
             r["pareto"] = bool(r["thresholds"]) and not any(
                 oq >= q and of >= f and (oq, of) != (q, f) for oq, of in points)
         rows += task_rows
@@ -598,8 +554,7 @@ def sweep(model, test_set, tok, device, grid=4, n=None, batch_size=32, base=None
     return rows
 
 
-# ----------------------------------------------------------------------------------------------
-# Figures. matplotlib is imported where it draws: train.py imports this file for its numbers.
+# -- Figures. matplotlib is imported where it draws: train.py imports this file for its numbers.
 
 
 def _plt():
@@ -609,66 +564,57 @@ def _plt():
     return plt
 
 
-def _ylabel(task):
-    return "VE accuracy (%)" if task == "ve" else "CIDEr-D"
-
-
-def plot_sweep(rows, path):
-    plt = _plt()
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        rs = [r for r in rows if r["task"] == task]
-
-        def pts(kind, rs=rs):
-            sel = sorted((r for r in rs if r["kind"] == kind), key=lambda r: r["flop_reduction"])
-            return [100 * r["flop_reduction"] for r in sel], [r["quality"] for r in sel], sel
-        x, y, _ = pts("MuE")
-        ax.scatter(x, y, s=14, color="tab:blue", alpha=0.35, label="encoder + decoder exits")
-        x, y, _ = pts("encoder only")
-        ax.scatter(x, y, s=14, marker="s", color="tab:green", alpha=0.5, label="encoder exits only")
-        front = sorted((r for r in rs if r["pareto"]), key=lambda r: r["flop_reduction"])
-        ax.plot([100 * r["flop_reduction"] for r in front], [r["quality"] for r in front],
-                "-o", color="tab:blue", ms=4, label="exits: Pareto front")
-        x, y, _ = pts("decoder only")
-        ax.plot(x, y, "--^", color="tab:orange", label="decoder exits only")
-        x, y, sel = pts("static")
-        ax.plot(x, y, ":s", color="tab:gray", label="static shallow k+k")
-        for xi, yi, r in zip(x, y, sel, strict=True):
-            ax.annotate(r["name"].split()[-1], (xi, yi), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        x, y, _ = pts("full")
-        ax.plot(x, y, "*", color="black", ms=13, label="full model")
-        ax.set(title=f"{task}: quality against FLOP-weighted saving",
-               xlabel="FLOP-weighted reduction (%)", ylabel=_ylabel(task))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    _save(fig, path)
-
-
 def _save(fig, path, rect=(0, 0, 1, 1)):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     _plt().close(fig)
+    return path
 
 
-def figures(model, test_set, tok, device, exits: dict, out="out", n=64, batch_size=32,
-            n_words=4) -> list[str]:
-    """profiles.png (Fig. 3), exits.png (exit layers per modality, MuE), words.png (captions
-    word by layer). Measured on the first n test samples; returns the paths written."""
-    plt = _plt()
-    cfg = model.cfg
-    data = prepare(test_set, tok, cfg, n, batch_size, device)
-    colors = {"caption": "tab:blue", "ve": "tab:red"}
-    paths = [os.path.join(out, f) for f in ("profiles.png", "exits.png", "words.png")]
+COLORS = {"caption": "tab:blue", "ve": "tab:red"}
 
-    # Fig. 3: each exit signal per layer, teacher-forced: the encoder's per modality (the cosine
-    # between consecutive layers' states, unless the exits use another), every decoder signal.
+
+def plot_sweep(rows, path):
+    """Quality against FLOP-weighted saving per task: the exit configurations and their Pareto
+    front, decoder exits only, the static k+k models and the full model."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = _plt().subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        rs = [r for r in rows if r["task"] == task]
+
+        def pts(keep, rs=rs):
+            sel = sorted((r for r in rs if keep(r)), key=lambda r: r["flop_reduction"])
+            return [100 * r["flop_reduction"] for r in sel], [r["quality"] for r in sel], sel
+        x, y, _ = pts(lambda r: r["kind"] == "MuE")
+        ax.scatter(x, y, s=14, color="tab:blue", alpha=0.35, label="encoder + decoder exits")
+        x, y, _ = pts(lambda r: r["kind"] == "encoder only")
+        ax.scatter(x, y, s=14, marker="s", color="tab:green", alpha=0.5, label="encoder exits only")
+        x, y, _ = pts(lambda r: r["pareto"])
+        ax.plot(x, y, "-o", color="tab:blue", ms=4, label="exits: Pareto front")
+        x, y, _ = pts(lambda r: r["kind"] == "decoder only")
+        ax.plot(x, y, "--^", color="tab:orange", label="decoder exits only")
+        x, y, sel = pts(lambda r: r["kind"] == "static")
+        ax.plot(x, y, ":s", color="tab:gray", label="static shallow k+k")
+        for xi, yi, r in zip(x, y, sel, strict=True):
+            ax.annotate(r["name"].split()[-1], (xi, yi), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        x, y, _ = pts(lambda r: r["kind"] == "full")
+        ax.plot(x, y, "*", color="black", ms=13, label="full model")
+        ax.set(title=f"{task}: quality against FLOP-weighted saving",
+               xlabel="FLOP-weighted reduction (%)",
+               ylabel="VE accuracy (%)" if task == "ve" else "CIDEr-D")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_profiles(model, data, exits, path):
+    """The paper's Fig. 3: each exit signal per layer, teacher-forced, every layer run: the
+    encoder's per modality and every registered decoder signal, with the thresholds."""
     titles = [("img", "encoder, image tokens"), ("txt", "encoder, text tokens")] + [
         (f"dec_{name}", f"decoder, {name}") for name in DEC_SIGNALS]
-    fig, axes = plt.subplots(1, len(titles), figsize=(4.3 * len(titles), 3.8))
-    runs = {}
+    fig, axes = _plt().subplots(1, len(titles), figsize=(4.3 * len(titles), 3.8))
     for task, td in data.items():
         ex = exits.get(task) or PAPER_EXITS[task]
         thresholds = {"img": ex.img_threshold, "txt": ex.txt_threshold,
@@ -676,28 +622,28 @@ def figures(model, test_set, tok, device, exits: dict, out="out", n=64, batch_si
         prof = {k: [] for k, _ in titles}
         for b in td.batches:
             p = model.profile(b.images, b.src, b.tgt_in, ex.enc_criterion)
-            for k in ("img", "txt"):
-                prof[k].append(p[k].cpu())
-            for k in prof.keys() - {"img", "txt"}:
-                prof[k].append(p[k][b.tgt_mask].cpu())  # (real target positions, L_dec)
+            for k in prof:  # decoder signals at the real target positions: (rows, L_dec)
+                prof[k].append((p[k] if k in ("img", "txt") else p[k][b.tgt_mask]).cpu())
         for ax, (k, title) in zip(axes, titles, strict=True):
             v = torch.cat(prof[k]).float()  # (rows, L)
             x = range(1, v.shape[1] + 1)
-            ax.plot(x, v.mean(0).numpy(), "-o", color=colors[task], label=f"{task}: mean")
+            ax.plot(x, v.mean(0).numpy(), "-o", color=COLORS[task], label=f"{task}: mean")
             ax.fill_between(x, v.quantile(0.1, 0).numpy(), v.quantile(0.9, 0).numpy(),
-                            color=colors[task], alpha=0.15, label=f"{task}: 10-90%")
+                            color=COLORS[task], alpha=0.15, label=f"{task}: 10-90%")
             if thresholds.get(k, 1.0) < 1.0:
-                ax.axhline(thresholds[k], color=colors[task], ls="--", lw=1,
+                ax.axhline(thresholds[k], color=COLORS[task], ls="--", lw=1,
                            label=f"{task}: threshold")
             ax.set(title=title, xlabel="layer l", xticks=list(x))
-        runs[task] = run_configs([("MuE", model, ex)], td.batches, tok, td.max_new)[0]
     axes[0].set_ylabel("signal (a layer exits above its threshold)")
     fig.legend(*axes[-1].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)
     fig.suptitle("Exit signals per layer (the paper's Fig. 3), test samples, every layer run")
-    _save(fig, paths[0], rect=(0, 0.08, 1, 1))
+    return _save(fig, path, rect=(0, 0.08, 1, 1))
 
-    # Where MuE stopped: encoder layers per sample and modality, decoder layers per word.
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+
+def plot_exits(model, runs, exits, path):
+    """Where MuE stopped: encoder layers per sample and modality, decoder layers per word."""
+    cfg = model.cfg
+    fig, axes = _plt().subplots(1, 3, figsize=(14, 3.6))
     width = 0.8 / len(runs)
     for i, (task, r) in enumerate(runs.items()):
         for ax, vals, L in ((axes[0], r.img, cfg.n_enc_layers), (axes[1], r.txt, cfg.n_enc_layers),
@@ -705,7 +651,7 @@ def figures(model, test_set, tok, device, exits: dict, out="out", n=64, batch_si
             share = [100 * vals.count(l) / len(vals) for l in range(1, L + 1)]
             ex = exits.get(task) or PAPER_EXITS[task]
             ax.bar([l - 0.4 + width * (i + 0.5) for l in range(1, L + 1)], share, width,
-                   color=colors[task], label=f"{task} ({_thr(asdict(ex))})")
+                   color=COLORS[task], label=f"{task} ({_thr(asdict(ex))})")
             ax.set_xticks(range(1, L + 1))
     for ax, title in zip(axes, ("image: encoder layers run", "text: encoder layers run",
                                 "decoder: layers run per generated token"), strict=True):
@@ -713,44 +659,63 @@ def figures(model, test_set, tok, device, exits: dict, out="out", n=64, batch_si
                else "% of tokens")
     axes[2].legend(fontsize=8, title="task (thresholds img/txt/dec)", title_fontsize=8)
     fig.suptitle(f"MuE exit layers on {sum(len(r.img) for r in runs.values())} test samples")
-    _save(fig, paths[1])
+    return _save(fig, path)
 
-    # A few captions, word by layer: dark = the layer the word was read from, light = layers run.
-    r = runs.get("caption")
-    if r is None:
-        return paths[:2]
-    by_text = {r.preds[i]: i for i in range(len(r.preds))}  # one sample per distinct caption
-    picks = sorted(by_text.values(), key=lambda i: -len(set(r.dec[i])))[:n_words]
-    fig, axes = plt.subplots(len(picks), 1, figsize=(10, 1.5 + 1.3 * len(picks)), squeeze=False)
+
+def plot_words(model, run, tok, path):
+    """Four captions, word by layer: dark = the layer the word was read from, light = run."""
+    L = model.cfg.n_dec_layers
+    by_text = {run.preds[i]: i for i in range(len(run.preds))}  # one sample per distinct caption
+    picks = sorted(by_text.values(), key=lambda i: -len(set(run.dec[i])))[:4]
+    fig, axes = _plt().subplots(len(picks), 1, figsize=(10, 1.5 + 1.3 * len(picks)),
+                                squeeze=False)
     for ax, i in zip(axes[:, 0], picks, strict=True):
-        d = r.dec[i]
-        names = [tok.decode([t]) if t != cfg.eos_id else "<eos>" for t in r.tokens[i]]
-        grid = torch.zeros(cfg.n_dec_layers, len(d))
+        d = run.dec[i]
+        names = [tok.decode([t]) if t != model.cfg.eos_id else "<eos>" for t in run.tokens[i]]
+        grid = torch.zeros(L, len(d))
         for t, k in enumerate(d):
             grid[:k, t] = 1
             grid[k - 1, t] = 2
         ax.imshow(grid.numpy(), origin="lower", cmap="Blues", vmin=0, vmax=2.2, aspect="auto")
         ax.set_xticks(range(len(d)), names, fontsize=8)
-        ax.set_yticks(range(cfg.n_dec_layers), range(1, cfg.n_dec_layers + 1), fontsize=7)
+        ax.set_yticks(range(L), range(1, L + 1), fontsize=7)
         ax.set_ylabel("layer")
-        ax.set_title(f"\"{r.preds[i]}\"  (image {r.img[i]}, text {r.txt[i]} encoder layers)",
-                     fontsize=9)
+        ax.set_title(f"\"{run.preds[i]}\"  (image {run.img[i]}, text {run.txt[i]} encoder "
+                     f"layers)", fontsize=9)
     fig.suptitle("Where each word exited the decoder (dark: exit layer, light: layers run)")
-    _save(fig, paths[2])
+    return _save(fig, path)
+
+
+def figures(model, test_set, tok, device, exits: dict, out) -> list[str]:
+    """profiles.png, exits.png and (with captions) words.png on the first 64 test samples."""
+    data = prepare(test_set, tok, model.cfg, 64, 32, device)
+    runs = {task: run_configs([("MuE", model, exits.get(task) or PAPER_EXITS[task])],
+                              td.batches, tok, td.max_new)[0] for task, td in data.items()}
+    paths = [plot_profiles(model, data, exits, os.path.join(out, "profiles.png")),
+             plot_exits(model, runs, exits, os.path.join(out, "exits.png"))]
+    if "caption" in runs:
+        paths.append(plot_words(model, runs["caption"], tok, os.path.join(out, "words.png")))
     return paths
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line.
+# -- Command line.
+
+
+def check_device(name: str):
+    if name and not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
 
 
 def pick_device(name: str) -> str:
     """"" -> cuda if there is a GPU, else cpu. ValueError for a device this machine lacks."""
-    if name and not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    check_device(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name} but no CUDA GPU is available")
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
 
 
 def datasets(args, train: dict, cfg):
@@ -772,14 +737,6 @@ def datasets(args, train: dict, cfg):
     world = train.get("shapes", "")
     return (load("val", size=args.n_val, shapes=world),
             load("test", size=args.n, shapes=",".join(filter(None, [world, args.shapes]))))
-
-
-def write_json(path, obj):
-    """Atomically (a temporary file, then a rename): a crash never leaves half a result."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
 
 
 def ablation_label(cfg, path):
@@ -804,7 +761,7 @@ def parser():
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="a file "
                    "that registers exit signals, schedules or loss weights in mue's dicts, run "
-                   "before anything else (README, Exercises); repeatable")
+                   "before anything else (docs/exercises.md); repeatable")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--out", help="folder for the PNGs (default: the checkpoint's folder)")
     p.add_argument("--json", help="write every number of the tables here")
@@ -829,15 +786,11 @@ def parser():
     p.add_argument("--txt", type=float, help="text threshold, all tasks ([-1, 1] for the cosine)")
     p.add_argument("--dec", type=float, help="decoder threshold, all tasks")
     # The names come from mue's dicts once the plugins are loaded, so ExitConfig checks them.
-    p.add_argument("--criterion", help="decoder signal, a name in mue.DEC_SIGNALS: "
-                   f"{', '.join(DEC_SIGNALS)} or a plugin's (calibrate, sweep: train.py's "
-                   "--dec-criterion unless given)")
-    p.add_argument("--schedule", help="decoder threshold, a name in mue.DEC_SCHEDULES: "
-                   f"{', '.join(DEC_SCHEDULES)} or a plugin's (calibrate, sweep: train.py's "
-                   "--dec-schedule unless given)")
-    p.add_argument("--enc-criterion", help="encoder signal, a name in mue.ENC_SIGNALS: "
-                   f"{', '.join(ENC_SIGNALS)} or a plugin's (calibrate, sweep: train.py's "
-                   "--enc-criterion unless given)")
+    for flag, field_, names in (("--criterion", "dec-criterion", DEC_SIGNALS),
+                                ("--schedule", "dec-schedule", DEC_SCHEDULES),
+                                ("--enc-criterion", "enc-criterion", ENC_SIGNALS)):
+        p.add_argument(flag, help=f"one of {', '.join(names)} or a plugin's (calibrate, sweep: "
+                       f"train.py's --{field_} unless given)")
     p.add_argument("--beta", type=float, help="decay schedule beta")
     p.add_argument("--tau", type=float, help="decay schedule tau")
     p.add_argument("--calibrate", action="store_true", help="choose thresholds on val and store "
@@ -876,53 +829,61 @@ def check_registered(path, state, flags):
                                  f"registers it in mue.{registry}{made_with(state)}")
 
 
+def load(args, flags):
+    """Check the settings and read the checkpoints and the data, before anything runs.
+    -> [(path, model, state)], the tokenizer, val, test. ValueError names what is wrong."""
+    if args.target is not None:
+        check_target(args.target)
+    if args.grid < 2 or not args.z >= 0:
+        raise ValueError(f"need --grid >= 2 and --z >= 0, got {args.grid} and {args.z}")
+    for path in args.plugin:  # first: they add names that the checks below accept
+        load_plugin(path)
+    args.device = pick_device(args.device or "")
+    ExitConfig(**{"dec_criterion": "confidence", **flags})  # check the names and ranges now
+    model, state = load_checkpoint(args.ckpt, args.device)
+    if "tokenizer" not in state:
+        raise ValueError(f"checkpoint {args.ckpt!r} has no tokenizer (not written by train.py)")
+    tok = Tokenizer.from_state_dict(state["tokenizer"])
+    if len(tok) != model.cfg.vocab_size:
+        raise ValueError(f"checkpoint {args.ckpt!r}: tokenizer has {len(tok)} words, the "
+                         f"model {model.cfg.vocab_size}")
+    checkpoints = [(args.ckpt, model, state)]
+    for path in args.ablation:
+        m, st = load_checkpoint(path, args.device)
+        if st.get("tokenizer") != state["tokenizer"] or m.cfg.image_size != model.cfg.image_size:
+            raise ValueError(f"ablation checkpoint {path!r} does not share the main one's "
+                             f"tokenizer and image size")
+        checkpoints.append((path, m, st))
+    for path, _, st in checkpoints:
+        check_registered(path, st, flags)
+    train = state.get("train") or {}
+    args.n = args.n or train.get("test_size", 500)  # the samples train.py reported on
+    args.n_val = args.n_val or train.get("val_size", 300)
+    args.target = args.target or train.get("target", 0.99)
+    args.out = args.out or os.path.dirname(args.ckpt) or "."  # beside the checkpoint
+    return checkpoints, tok, *datasets(args, train, model.cfg)
+
+
 def main(argv=None) -> int:
-    try:
-        return evaluate(parser().parse_args(argv))
-    except BadImage as e:  # met while reading samples, after the start-up checks in evaluate
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 1
-
-
-def evaluate(args) -> int:
+    args = parser().parse_args(argv)
     flags = {f: getattr(args, a) for a, f in FLAG_FIELDS.items() if getattr(args, a) is not None}
-    try:  # every configuration error ends here: a message and exit status 1, no traceback
-        if args.target is not None and not 0 < args.target <= 1:
-            raise ValueError(f"--target must be in (0, 1], got {args.target}")
-        if args.grid < 2 or not args.z >= 0:
-            raise ValueError(f"need --grid >= 2 and --z >= 0, got {args.grid} and {args.z}")
-        for path in args.plugin:  # first: they add names that the checks below accept
-            load_plugin(path)
-        args.device = pick_device(args.device or "")
-        ExitConfig(**{"dec_criterion": "confidence", **flags})  # check the names and ranges now
-        model, state = load_checkpoint(args.ckpt, args.device)
-        if "tokenizer" not in state:
-            raise ValueError(f"checkpoint {args.ckpt!r} has no tokenizer (not written by train.py)")
-        tok = Tokenizer.from_state_dict(state["tokenizer"])
-        if len(tok) != model.cfg.vocab_size:
-            raise ValueError(f"checkpoint {args.ckpt!r}: tokenizer has {len(tok)} words, the "
-                             f"model {model.cfg.vocab_size}")
-        checkpoints = [(args.ckpt, model, state)]
-        for path in args.ablation:
-            m, st = load_checkpoint(path, args.device)
-            if st.get("tokenizer") != state["tokenizer"] or m.cfg.image_size != \
-                    model.cfg.image_size:
-                raise ValueError(f"ablation checkpoint {path!r} does not share the main one's "
-                                 f"tokenizer and image size")
-            checkpoints.append((path, m, st))
-        for path, _, st in checkpoints:
-            check_registered(path, st, flags)
-        train = state.get("train") or {}
-        args.n = args.n or train.get("test_size", 500)  # the samples train.py reported on
-        args.n_val = args.n_val or train.get("val_size", 300)
-        args.target = args.target or train.get("target", 0.99)
-        args.out = args.out or os.path.dirname(args.ckpt) or "."  # beside the checkpoint
-        val_set, test_set = datasets(args, train, model.cfg)
+    try:  # a setting or a file that is not what it should be: one line, exit status 1
+        loaded = load(args, flags)
     except (ValueError, FileNotFoundError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 1
+    try:
+        return evaluate(args, flags, *loaded)
+    except BadImage as e:  # met while reading samples
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+def evaluate(args, flags, checkpoints, tok, val_set, test_set) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    path, model, state = checkpoints[0]
+    train = state.get("train") or {}
     # The signals and the schedule for --calibrate and --sweep: the flags, else train.py's.
     base = ExitConfig(**{"dec_criterion": train.get("dec_criterion", "confidence"),
                          "dec_schedule": train.get("dec_schedule", "constant"),
@@ -951,9 +912,9 @@ def evaluate(args) -> int:
     exits = every[0]
     result["exits"] = {t: asdict(e) for t, e in exits.items()}
     rows = compare(model, test_set, tok, args.device, exits, args.batch_size,
-                   not args.no_timing, args.n, args.n_b1, repeats=args.repeats,
-                   ablations=[(ablation_label(m.cfg, p), m, ab) for (p, m, _), ab
-                              in zip(checkpoints[1:], every[1:], strict=True)])
+                   not args.no_timing, args.n, args.n_b1, args.repeats,
+                   [(ablation_label(m.cfg, p), m, ab) for (p, m, _), ab
+                    in zip(checkpoints[1:], every[1:], strict=True)])
     result["rows"] = rows
     print(format_table(rows))
     if args.sweep:

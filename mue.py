@@ -7,34 +7,21 @@ Language Model", CVPR 2023 (arXiv 2211.11152), on a compact OFA-style model:
                                            >-- shared encoder layers --> memory --> decoder --> text
     prompt --embedding--> text tokens ----'
 
-What this file implements, by section of the paper:
-- Sec. 3.1 modality decomposition: image and text tokens go through the same encoder layers
-  separately, so each modality can stop at its own depth (`fusion="decomposed"`); the memory the
-  decoder reads is LN([image ; text]). `fusion="joint"` is the early-fusion ablation.
-- Sec. 3.2 encoder exit by saturation: after layer l, s_l = cos(h_l, h_{l-1}) per sample and per
-  modality (h_0 = the embeddings); the modality stops when s_l > tau.
-- Sec. 3.3 decoder exit per generated token, by the confidence of the shared head (default) or by
-  the paper code's hidden-state cosine, with a constant or decaying threshold.
-- Sec. 3.4 layer-wise task loss: every decoder layer predicts through the shared final LayerNorm
-  and the tied LM head, and the loss is a weighted sum over layers.
-
-The exits follow README.md's "Faithfulness": per sample, strict `>`, at least one layer, rows
-that exited are dropped from the working set (so skipped layers cost nothing), and a token that
-exits the decoder early still has keys and values in every deeper layer's cache when a later
-token reads them (CALM-style state propagation), so later tokens see a complete cache.
-
-Read top to bottom: MuEConfig, ExitConfig, the exit signals, threshold schedules and loss weights
-(plain dicts from a name to a function: the places to add a variant, from a file of your own that
-`--plugin` loads; README, "Exercises"), the building blocks, the model (embedding, forward with the
-layer-wise loss), generation with exits, then checkpoints and plugins.
+Sec. 3.1 modality decomposition (`MuE.encode`), Sec. 3.2 encoder exits (`MuE.run_encoder`),
+Sec. 3.3 decoder exits per token (`MuE.generate`, `Decoding`), Sec. 3.4 the layer-wise loss
+(`MuE.forward`). Read top to bottom: the configs; the exit signals, schedules and loss weights
+(plain dicts, where a `--plugin` file adds a variant: docs/exercises.md); the layers; the model;
+the decoding state; checkpoints and plugins. docs/reference.md ties each formula to the code.
 """
 
 import importlib.util
 import math
 import os
+import pickle
 import sys
 import tempfile
 import traceback
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -46,32 +33,24 @@ import torchvision
 
 @dataclass
 class MuEConfig:
-    """The model. The defaults are the CPU preset that `python train.py` trains."""
+    """The model. The defaults are the cpu preset that `python train.py` trains."""
 
-    vocab_size: int = 128  # words, specials included; train.py sets it from the tokenizer
+    vocab_size: int = 128  # words, specials included (train.py sets it from the tokenizer)
     d_model: int = 128  # width of every token (C in the shape comments)
-    n_heads: int = 4  # attention heads; d_model must divide evenly
-    d_ff: int = 256  # hidden width of the feed-forward blocks: twice d_model here, not the
-    # usual four times, so that a training step costs an eighth less and 3000 steps fit the
-    # ten minutes (on the shapes world they save more layers than 2000 steps at 512 do)
+    n_heads: int = 4  # attention heads; must divide d_model
+    d_ff: int = 256  # hidden width of the feed-forward blocks (why twice d_model: docs/results.md)
     n_enc_layers: int = 6  # encoder depth, shared by image and text (OFA-Base: 6)
     n_dec_layers: int = 6  # decoder depth; every layer can predict (OFA-Base: 6)
-    image_size: int = 24  # square input images, pixels per side: 24 draws a shapes cell in 8x8
-    # pixels, and 2 stages then give one patch token per cell (3x3); the stem is then a quarter
-    # to a third of a sample's FLOPs (at 64 px, 8x8 patches: some 45%)
-    resnet: str = "resnet18"  # torchvision ResNet whose stem and first stages embed the image
-    resnet_stages: int = 2  # residual stages kept (1-4): 24px -> 6x6, 3x3, 2x2, 1x1 patches
-    resnet_weights: str = ""  # path to a torchvision ImageNet state_dict you have; "" = random
-    dropout: float = 0.0  # on embeddings, attention weights, residual branches (training). 0 on
-    # the synthetic world, whose samples never repeat within a CPU run (and CPU dropout masks
-    # cost a third of the forward pass); the gpu preset, meant for real data, uses 0.1
+    image_size: int = 24  # pixels per side; 24 gives one patch token per shapes cell
+    resnet: str = "resnet18"  # the torchvision ResNet whose stem and first stages embed the image
+    resnet_stages: int = 2  # residual stages kept, 1-4 (24 px: 6x6, 3x3, 2x2, 1x1 patches)
+    resnet_weights: str = ""  # a torchvision ImageNet state_dict file of yours; "" = random
+    dropout: float = 0.0  # on embeddings, attention and residual branches (gpu preset: 0.1)
     max_src_len: int = 32  # longest prompt, in tokens
-    max_tgt_len: int = 32  # longest target / generated text, in tokens (eos included)
-    fusion: str = "decomposed"  # "decomposed": image and text apart (MuE); "joint": one sequence
-    loss_weights: str = "uniform"  # decoder layer-wise loss: a name in LOSS_WEIGHTS
-    enc_depth_sampling: float = 0.0  # beyond the paper: the chance that a training batch reads
-    # the image and the text encoder at random depths, so that the decoder learns to read the
-    # states an encoder exit hands it (MuE.sample_depths); 0 = the paper's recipe
+    max_tgt_len: int = 32  # longest decoder input: bos, prefix and target (eos scored after it)
+    fusion: str = "decomposed"  # "decomposed": image and text apart (MuE) | "joint": one sequence
+    loss_weights: str = "uniform"  # the layer-wise loss's weights, a name in LOSS_WEIGHTS
+    enc_depth_sampling: float = 0.0  # beyond the paper: chance a batch stops its encoders early
     pad_id: int = 0  # padding token (ignored by attention and by the loss)
     bos_id: int = 1  # first decoder input
     eos_id: int = 2  # ends a generated sequence
@@ -87,19 +66,15 @@ class MuEConfig:
                      "image_size", "max_src_len", "max_tgt_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.enc_depth_sampling <= 1.0:
-            raise ValueError(f"enc_depth_sampling must be in [0, 1], got "
-                             f"{self.enc_depth_sampling}")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.enc_depth_sampling <= 1.0):
+            raise ValueError(f"need dropout in [0, 1) and enc_depth_sampling in [0, 1], got "
+                             f"{self.dropout} and {self.enc_depth_sampling}")
         self.layer_weights()  # a plugin's weights are checked here, not at the first step
 
     def layer_weights(self) -> list[float]:
-        """Weights of the decoder layer-wise loss (Sec. 3.4), summing to 1.
-
-        The paper sums the layers' losses with equal weights; we divide by the sum so that the
-        printed loss stays on the scale of one cross-entropy whatever the depth. With AdamW this
-        changes nothing but that scale (and where gradient clipping bites)."""
+        """Weights of the layer-wise loss (Sec. 3.4), normalised to sum to 1: the paper sums the
+        layers' losses; dividing keeps the printed loss on the scale of one cross-entropy, and
+        with AdamW changes nothing else but where gradient clipping bites."""
         n = self.n_dec_layers
         raw = [float(w) for w in LOSS_WEIGHTS[self.loss_weights](n)]
         if len(raw) != n or not all(w >= 0 for w in raw) or sum(raw) <= 0:  # NaN fails too
@@ -110,17 +85,16 @@ class MuEConfig:
 
 @dataclass(frozen=True)
 class ExitConfig:
-    """When each part of the model stops (Sec. 3.2, 3.3): after the first layer whose signal
-    (ENC_SIGNALS[enc_criterion], DEC_SIGNALS[dec_criterion]) is above the threshold, strictly.
-    A threshold >= 1 never exits, whatever the schedule. The decoder's threshold at output
-    position t (0-based) of at most N tokens is Theta(t) = DEC_SCHEDULES[dec_schedule](self, t, N)
-    (the paper: "decay" with theta=0.99, beta=0.95, tau=1)."""
+    """When each part of the model stops (Sec. 3.2, 3.3): after the first layer whose signal is
+    above the threshold, strictly; a threshold >= 1 never exits, whatever the schedule. The
+    decoder's threshold at output position t of at most N is DEC_SCHEDULES[dec_schedule](self,
+    t, N) (the paper: "decay" with theta=0.99, beta=0.95, tau=1)."""
 
-    img_threshold: float = 1.0  # tau_img: image tokens stop after layer l if their signal > it
-    txt_threshold: float = 1.0  # tau_txt: the same for the text tokens
+    img_threshold: float = 1.0  # tau_img: the image stops after the layer whose signal > it
+    txt_threshold: float = 1.0  # tau_txt: the same for the text
     dec_threshold: float = 1.0  # theta: a generated token stops after the layer whose signal > it
     dec_criterion: str = "confidence"  # the decoder's signal, a name in DEC_SIGNALS
-    dec_schedule: str = "constant"  # Theta(t), a name in DEC_SCHEDULES: "constant" | "decay"
+    dec_schedule: str = "constant"  # Theta(t), a name in DEC_SCHEDULES
     dec_beta: float = 0.95  # beta of the decay schedule
     dec_tau: float = 1.0  # tau of the decay schedule (how fast it decays with t)
     enc_criterion: str = "cosine"  # the encoder's signal, a name in ENC_SIGNALS
@@ -138,7 +112,7 @@ class ExitConfig:
                 raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
 
     def dec_threshold_at(self, t: int, n: int) -> float:
-        """Theta(t) for output position t of at most n generated tokens."""
+        """Theta(t) for output position t (0-based) of at most n generated tokens."""
         if self.dec_threshold >= 1.0:
             return self.dec_threshold
         return DEC_SCHEDULES[self.dec_schedule](self, t, n)
@@ -150,12 +124,9 @@ def _check_choice(name, value, choices, registry=None):
         raise ValueError(f"{name} must be one of {tuple(choices)}{more}, got {value!r}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Exit signals, threshold schedules and loss weights: where to add a variant. Each dict maps a
-# name (what ExitConfig, MuEConfig and the command lines take) to a function, the built-in ones
-# first. A new one is a function and a line, `DEC_SIGNALS["mine"] = Signal(mine, low=0.0)`, in a
-# file that train.py / eval.py load with --plugin (tests/exercises/entropy_exit.py is a worked
-# example); the oracle tests then grade it as they grade the built-in ones.
+# -- Exit signals, threshold schedules and loss weights: where to add a variant. Each dict maps
+# a name (what ExitConfig, MuEConfig and the command lines take) to a function; a --plugin file
+# adds one in a line (tests/exercises/entropy_exit.py), and the oracle tests grade it.
 
 
 @dataclass(frozen=True)
@@ -165,13 +136,12 @@ class Signal:
 
     fn: Callable  # what it receives: see ENC_SIGNALS and DEC_SIGNALS
     low: float  # the lowest threshold that means anything; ExitConfig accepts [low, 1]
-    head: bool = False  # decoder: fn reads the head's logits, which generate then computes at
-    # every layer a token runs and reuses for its prediction (eval.sample_macs counts them)
+    head: bool = False  # decoder: fn reads the head's logits (generate computes them per layer)
 
 
 def masked_cosine(a, b, mask=None):
-    """Per-sample cosine between a and b, each flattened over its non-pad tokens (the authors'
-    code flattens the whole batch, padding included, which only means something at batch size 1).
+    """Per-sample cosine between a and b, each flattened over its real tokens (the authors' code
+    flattens the whole batch, padding included: meaningful only at batch size 1).
     a, b: (B, N, C); mask: (B, N) bool, True on real tokens, or None -> (B,) float32."""
     a, b = a.float(), b.float()
     if mask is not None:
@@ -182,9 +152,9 @@ def masked_cosine(a, b, mask=None):
     return dot / norms.sqrt().clamp_min(1e-12)
 
 
-# Encoder signals, per sample and modality: fn(h, prev, mask) -> (b,), where h and prev are the
-# states after layer l and l-1 (b, N, C) (prev = the embeddings at l = 1) and mask (b, N) is True
-# on the modality's real tokens. Per sample: a row's value must not depend on the other rows.
+# Encoder signals, per sample and modality: fn(h, prev, mask) -> (b,), h and prev the states after
+# layer l and l-1 (b, N, C) (prev = the embeddings at l = 1), mask (b, N) True on the modality's
+# real tokens. A row's value must not depend on the other rows.
 ENC_SIGNALS = {"cosine": Signal(masked_cosine, low=-1.0)}
 
 
@@ -202,9 +172,9 @@ def similarity(h, prev, logits, layer, state):
 # h, prev: (..., C) the token's state after and before decoder layer `layer` (1-based; prev = the
 # token's embedding at layer 1); logits: (..., V) the head on h if the Signal says head=True, else
 # None; state: None at layer 1, then what fn returned at the layer before (a tensor (..., k) or
-# None), for a signal that needs a memory across layers (PABEE's patience). The leading dims are
-# (b,) tokens in `generate` and (B, T) positions in `profile`: compute along the last dim only,
-# and without .item() or printing (a host sync per layer and token is what makes exits slow).
+# None), for a signal with a memory across layers. The leading dims are (b,) tokens in `generate`
+# and (B, T) positions in `profile`: compute along the last dim only, never write into h or prev,
+# and never call .item() or print (a host sync per layer and token is what makes exits slow).
 DEC_SIGNALS = {"confidence": Signal(confidence, low=0.0, head=True),
                "similarity": Signal(similarity, low=-1.0)}
 
@@ -217,8 +187,7 @@ def calm_decay(ex, t, n):
 
 
 # Decoder threshold schedules: fn(ex: ExitConfig, t, n) -> Theta(t) for output position t (0-based)
-# of at most n; only called with ex.dec_threshold < 1, and must then stay below 1 (eval.py counts
-# the heads of a head-reading signal at every layer whenever theta < 1).
+# of at most n; only called with ex.dec_threshold < 1, and must then stay below 1.
 DEC_SCHEDULES = {"constant": lambda ex, t, n: ex.dec_threshold, "decay": calm_decay}
 
 # Layer-wise loss weights (Sec. 3.4): fn(n_layers) -> n raw weights >= 0, normalised to sum to 1.
@@ -227,13 +196,12 @@ LOSS_WEIGHTS = {"uniform": lambda n: [1.0] * n,  # the paper's
                 "last": lambda n: [0.0] * (n - 1) + [1.0]}  # the ablation: no layer-wise loss
 
 
-# ----------------------------------------------------------------------------------------------
-# Building blocks: pre-LN transformer layers on scaled_dot_product_attention.
+# -- Building blocks: pre-LN transformer layers on scaled_dot_product_attention.
 
 
 class Attention(nn.Module):
-    """Multi-head attention. Keys and values are projected separately from queries so that the
-    decoder can fill its cache for a layer it skipped (state propagation, see `generate`)."""
+    """Multi-head attention. Keys and values are projected apart from the queries, so that the
+    decoder can fill the cache of a layer a token skipped (state propagation)."""
 
     def __init__(self, cfg: MuEConfig):
         super().__init__()
@@ -298,10 +266,9 @@ class DecoderLayer(nn.Module):
         return self.self_attn.project_kv(self.ln1(x))
 
     def step(self, x, cache, rows, slots, self_mask, cross_kv, mem_mask):
-        """Decoding with a cache. x: (b, n, C), tokens of batch rows `rows` (b,) at positions
-        slots (b, n): a row's whole prefix at the first step, one generated token after. cache:
-        this layer's (keys, values), each (B, H, T_max, C/H), where their entries are written;
-        self_mask (b, 1, n, K) says which of the first K positions each token attends to."""
+        """Decoding with a cache. x: (b, n, C), the tokens of batch rows `rows` (b,) at positions
+        slots (b, n); cache: this layer's (keys, values), each (B, H, T_max, C/H), where their
+        entries are written; self_mask (b, 1, n, K): which of the first K positions they see."""
         a = self.ln1(x)
         put(cache, rows, slots, *self.self_attn.project_kv(a))
         K = self_mask.shape[-1]
@@ -317,34 +284,7 @@ def put(cache, rows, slots, k, v):
     cache[1][rows[:, None], :, slots] = v.transpose(1, 2)
 
 
-class CrossCache:
-    """Cross-attention keys and values of the memory, per decoder layer, computed the first time
-    a sample reaches that layer: a sample whose tokens all exit by layer k never pays for the
-    projections of the layers below it. Bookkeeping lives on the host, so it costs no sync."""
-
-    def __init__(self, decoder, memory):
-        self.decoder, self.memory = decoder, memory
-        B, M, C = memory.shape
-        H = decoder[0].cross_attn.n_heads
-        self.shape = (B, H, M, C // H)
-        self.kv = [None] * len(decoder)  # per layer: (keys, values), each (B, H, M, C/H)
-        self.have = [torch.zeros(B, dtype=torch.bool) for _ in decoder]  # (B,) on the host
-
-    def get(self, j, rows, rows_dev):
-        """The layer-j keys and values of batch rows `rows` (host) / `rows_dev` (device)."""
-        if self.kv[j] is None:
-            self.kv[j] = (self.memory.new_empty(self.shape), self.memory.new_empty(self.shape))
-        missing = rows[~self.have[j][rows]]
-        if len(missing):
-            miss_dev = missing.to(self.memory.device)
-            k, v = self.decoder[j].cross_attn.project_kv(self.memory[miss_dev])
-            self.kv[j][0][miss_dev], self.kv[j][1][miss_dev] = k, v
-            self.have[j][missing] = True
-        return self.kv[j][0][rows_dev], self.kv[j][1][rows_dev]
-
-
-# ----------------------------------------------------------------------------------------------
-# The model.
+# -- The model.
 
 
 @dataclass
@@ -391,12 +331,7 @@ class MuE(nn.Module):
 
     def _init_transformer(self):
         """Weights ~ N(0, 1/d_model), biases 0; the ResNet keeps torchvision's initialisation.
-        GPT-2's std of 0.02 is 1/sqrt(d) for d = 2500. At d = 128 it starts every attention
-        score and every product of two paths near zero, and VE, which compares a word with what
-        the image shows, sits there: with a one-colour image and "there is a <colour> shape",
-        yes or no, a 0.02 model stayed at chance for 300 steps, a 1/sqrt(d) one was right on
-        every sample by step 200; captioning on shapes reached CIDEr-D 327 in 300 steps instead
-        of 70 to 130."""
+        (GPT-2's 0.02 left VE at chance at d = 128: docs/results.md, "Initialisation".)"""
         stem, std = set(self.stem.modules()), self.cfg.d_model ** -0.5
         for m in self.modules():
             if m in stem:
@@ -412,36 +347,38 @@ class MuE(nn.Module):
 
     def check_inputs(self, images, src, tgt_in=None, targets=None):
         """Raise ValueError naming the argument that is wrong; return the batch size."""
-        cfg = self.cfg
+        S = self.cfg.image_size
         if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
             raise ValueError(f"images must be a float tensor (B, 3, H, W), got "
                              f"{getattr(images, 'shape', type(images))}")
         if images.shape[1] != 3:
             raise ValueError(f"images must have 3 channels, got {images.shape[1]}")
-        if tuple(images.shape[2:]) != (cfg.image_size, cfg.image_size):
-            raise ValueError(f"images must be {cfg.image_size}x{cfg.image_size} "
-                             f"(MuEConfig.image_size), got {tuple(images.shape[2:])}")
+        if tuple(images.shape[2:]) != (S, S):
+            raise ValueError(f"images must be {S}x{S} (MuEConfig.image_size), got "
+                             f"{tuple(images.shape[2:])}")
         B = images.shape[0]
-        for name, ids, max_len in (("src", src, cfg.max_src_len),
-                                   ("tgt_in", tgt_in, cfg.max_tgt_len),
-                                   ("targets", targets, cfg.max_tgt_len)):
-            if ids is None:
-                continue
-            if not torch.is_tensor(ids) or ids.dim() != 2 or ids.dtype != torch.long:
-                raise ValueError(f"{name} must be a (B, L) long tensor, got "
-                                 f"{getattr(ids, 'dtype', type(ids))} {getattr(ids, 'shape', '')}")
-            if ids.shape[0] != B:
-                raise ValueError(f"{name} has batch size {ids.shape[0]} but images has {B}")
-            if not 1 <= ids.shape[1] <= max_len:
-                raise ValueError(f"{name} has length {ids.shape[1]}, allowed 1..{max_len}")
-            if ids.numel() and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-                raise ValueError(f"{name} holds token ids outside [0, {cfg.vocab_size})")
+        self.check_ids("src", src, B, self.cfg.max_src_len)
+        for name, ids in (("tgt_in", tgt_in), ("targets", targets)):
+            if ids is not None:
+                self.check_ids(name, ids, B, self.cfg.max_tgt_len)
         if targets is not None and targets.shape != tgt_in.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} != tgt_in shape "
                              f"{tuple(tgt_in.shape)}")
-        if (src == cfg.pad_id).all(1).any():
+        if (src == self.cfg.pad_id).all(1).any():
             raise ValueError("src has a row made only of padding")
         return B
+
+    def check_ids(self, name, ids, B, max_len):
+        """Token ids (B, 1..max_len) long, inside the vocabulary; ValueError naming `name`."""
+        if not torch.is_tensor(ids) or ids.dim() != 2 or ids.dtype != torch.long:
+            raise ValueError(f"{name} must be a (B, L) long tensor, got "
+                             f"{getattr(ids, 'dtype', type(ids))} {getattr(ids, 'shape', '')}")
+        if ids.shape[0] != B:
+            raise ValueError(f"{name} has batch size {ids.shape[0]} but images has {B}")
+        if not 1 <= ids.shape[1] <= max_len:
+            raise ValueError(f"{name} has length {ids.shape[1]}, allowed 1..{max_len}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+            raise ValueError(f"{name} holds token ids outside [0, {self.cfg.vocab_size})")
 
     def embed_image(self, images):  # (B, 3, S, S) -> (B, G*G, C)
         f = self.stem(images).flatten(2).transpose(1, 2)  # (B, G*G, C_stem)
@@ -457,17 +394,15 @@ class MuE(nn.Module):
 
     # -- encoder with exits (Sec. 3.1, 3.2) ------------------------------------------------------
 
-    def run_encoder(self, x, valid, rules, signal=masked_cosine, trace=None, depth=None):
+    def run_encoder(self, x, valid, rules, signal, trace=None, depth=None):
         """Run the encoder layers on x: (B, N, C), with valid: (B, N) bool (True on real tokens).
 
         rules: list of (name, tau, token mask (B, N)). A sample exits after layer l when, for
-        every rule, the signal (an ENC_SIGNALS function) of its layer-l and layer-(l-1) states over
-        the rule's tokens is above tau: one rule per modality when decomposed, both modalities'
-        rules on the joint sequence. Exited samples leave the working set, so deeper layers never
-        see them. trace: a dict that collects every layer's signals per rule name (exits off).
-        depth: run only the first `depth` layers (training with enc_depth_sampling).
-        Returns the states (B, N, C), each sample's from its exit layer, and layers run (B,).
-        """
+        every rule, signal(h_l, h_{l-1}, its tokens) > tau: one rule per modality when
+        decomposed, both modalities' on the joint sequence. Exited samples leave the working
+        set, so deeper layers never see them. trace: a dict that collects every layer's signals
+        per rule name. depth: run the first `depth` layers only (enc_depth_sampling).
+        -> the states (B, N, C), each sample's from its exit layer, and the layers run (B,)."""
         B, L = x.shape[0], len(self.encoder) if depth is None else depth
         layers = torch.full((B,), L, dtype=torch.long, device=x.device)
         can_exit = all(tau < 1.0 for _, tau, _ in rules)
@@ -547,13 +482,11 @@ class MuE(nn.Module):
         return (self.head(x) if logits is None else logits), loss
 
     def sample_depths(self) -> tuple:
-        """Beyond the paper, off by default: early-exit training for the encoder, in the manner of
-        LayerSkip (Elhoushi et al., 2024). The layer-wise loss trains every decoder layer to
-        predict, but the decoder itself only ever reads the encoder's last layer, so an encoder
-        exit hands it states it never saw in training. With chance enc_depth_sampling a training
-        batch stops the image and the text encoder at depths drawn uniformly from 1..L (one
-        depth for both under joint fusion). Drawn from torch's generator, which train.py seeds
-        per step, so a resumed run draws the same depths. -> (image depth, text depth)"""
+        """Beyond the paper, off by default (LayerSkip-style early-exit training for the
+        encoder): the decoder only ever reads the encoder's last layer, so an encoder exit hands
+        it states it never saw. With chance enc_depth_sampling a training batch stops the image
+        and the text encoder at depths drawn uniformly from 1..L (one depth under joint fusion),
+        from torch's generator, which train.py seeds per step. -> (image depth, text depth)"""
         p, L = self.cfg.enc_depth_sampling, len(self.encoder)
         if not self.training or p == 0 or torch.rand(()).item() >= p:
             return None, None
@@ -563,144 +496,50 @@ class MuE(nn.Module):
 
     @torch.inference_mode()
     def generate(self, images, src, max_new_tokens, exit=None, return_logits=False, prefix=None):
-        """Greedy decoding with MuE's exits; exit=None (or all thresholds 1.0) is the full model.
+        """Greedy decoding with MuE's exits; exit=None (or every threshold 1.0) is the full model.
 
         prefix: (B, P) long, right-padded, what the decoder reads before its first prediction:
-        bos, then for VE the prompt itself (OFA's prev_output, MUE_NOTES item 5); None = bos
-        alone. Step s = 0 reads each row's whole prefix in one pass, and the prefix leaves the
-        decoder together with the token its last position predicts, as the authors' code exits
-        a VE sample's whole decoder pass at once; each later step reads one generated token.
-        After each decoder layer, a sample whose signal (DEC_SIGNALS[exit.dec_criterion], of its
-        predicting token) beats Theta(s) predicts from that layer and leaves the working set,
-        and the rest go on. Its tokens' exit states are kept: when a later token of that row
-        reaches a layer they skipped, their cache entries there are computed from those states
-        first (state propagation, on demand: the same entries as writing them into every
-        deeper layer at the exit, without the cost of layers no later token reaches: a VE
-        prompt that left with its one-word answer needs them only where the eos goes deeper).
-        Encoder exits happen in `encode`. Returns the generated tokens only; dec_layers counts
-        per generated token, as the paper does.
-        """
+        bos, then for VE the prompt itself (OFA's prev_output); None = bos alone. Step 0 reads
+        each row's whole prefix in one pass, and the prefix leaves the decoder with the token
+        its last position predicts (the authors' VE evaluation exits that pass as a whole); each
+        later step reads one generated token. Rows leave the working set when they exit
+        (`Decoding.step`) or write eos. dec_layers counts per generated token, as the paper."""
         if self.training:
             raise RuntimeError("call model.eval() before generate: dropout and batch-norm "
                                "statistics would make the output depend on chance and the batch")
         B = self.check_inputs(images, src)
-        ex, cfg, dev = exit or ExitConfig(), self.cfg, images.device
+        ex, cfg = exit or ExitConfig(), self.cfg
         if exit is not None and not isinstance(exit, ExitConfig):
             raise ValueError(f"exit must be an ExitConfig or None, got {type(exit).__name__}")
         if prefix is None:
-            prefix = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=dev)
+            prefix = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=images.device)
         real = self.check_prefix(prefix, B)  # (B, P) bool
-        S, L, H, P = max_new_tokens, len(self.decoder), cfg.n_heads, prefix.shape[1]
+        S, P = max_new_tokens, prefix.shape[1]
         if not isinstance(S, int) or not 1 <= S <= cfg.max_tgt_len - (P - 1):
             raise ValueError(f"max_new_tokens must be an int in 1..{cfg.max_tgt_len - (P - 1)} "
                              f"(MuEConfig.max_tgt_len {cfg.max_tgt_len} less the prefix's "
                              f"{P - 1} tokens after bos), got {S!r}")
         memory, valid, img_layers, txt_layers = self.encode(images, src, ex)
-        mem_mask = valid[:, None, None, :]  # (B, 1, 1, M)
-        signal = DEC_SIGNALS[ex.dec_criterion]
-
-        # Self-attention caches, one (keys, values) pair per layer, each (B, H, T, C/H).
-        def empty():
-            return memory.new_zeros(B, H, P - 1 + S, cfg.d_model // H)
-        caches = [(empty(), empty()) for _ in range(L)]
-        exit_h = memory.new_zeros(B, P - 1 + S, cfg.d_model)  # each token's state where it exited
-        cached = [torch.zeros(B, dtype=torch.long) for _ in range(L)]  # per layer, on the host:
-        # each row's positions below this are in that layer's cache (the rest skipped it)
-        cross = CrossCache(self.decoder, memory)
-        tokens = torch.full((B, S), cfg.pad_id, dtype=torch.long, device=dev)
-        dec_layers = torch.zeros((B, S), dtype=torch.long, device=dev)
-        logits_out = memory.new_zeros(B, S, cfg.vocab_size) if return_logits else None
-
-        def predict(idx, logits, s, n_layers):  # samples idx emit their token s from n_layers
-            tokens[idx, s], dec_layers[idx, s] = logits.argmax(-1), n_layers
-            if return_logits:
-                logits_out[idx, s] = logits.float()
-
-        alive = torch.arange(B)  # samples still generating: on the host for bookkeeping,
-        alive_dev = alive.to(dev)  # and on the device for indexing
-        first = real.sum(1).cpu() - 1  # (B,) position of each row's last prefix token, the one
-        first_dev = first.to(dev)  # that predicts its first new token
+        d = Decoding(self, memory, valid, real, S, return_logits)
         x = self.tok_emb(prefix) + self.tgt_pos.weight[:P]  # step 0 reads the prefix: (B, P, C)
-
-        def current(h):  # (b, n, C) -> (b, C), the state of each row's predicting token
-            return h[:, 0] if h.shape[1] == 1 else h[torch.arange(len(at), device=dev), at]
-
-        def propagate(j, rows, s):
-            """State propagation, on demand: before rows (host) read layer j's cache at step s,
-            write the entries of their earlier tokens that skipped layer j, from their exit
-            states. Then mark this step's tokens as cached: layer j writes them itself."""
-            lo, top = cached[j][rows], first[rows] + s  # (b,) each: top = this step's last slot
-            cached[j][rows] = top + 1
-            if s and (top > lo).any():  # step 0 reads the prefix: nothing before it
-                pos = torch.arange(int(top.max()))
-                r, p = ((pos >= lo[:, None]) & (pos < top[:, None])).nonzero(as_tuple=True)
-                r, p = rows[r].to(dev), p.to(dev)  # (e,): one per missing (row, position)
-                put(caches[j], r, p[:, None], *self.decoder[j].self_kv(exit_h[r, p][:, None]))
-
         for s in range(S):
-            theta = ex.dec_threshold_at(s, S)
-            rows, rows_dev = alive, alive_dev  # this step's working set
-            n = x.shape[1]
-            start = first_dev[rows_dev] + s if s else torch.zeros_like(rows_dev)  # (b,)
-            slots = start[:, None] + torch.arange(n, device=dev)  # (b, n) positions of x
-            at = first_dev[rows_dev] + s - start  # (b,) where in x each row's predicting token is
-            K = int(first[rows].max()) + s + 1 if s else P  # cache positions anyone attends to
-            self_mask = (torch.arange(K, device=dev) <= slots[:, :, None])[:, None]  # causal
-            mask = mem_mask[rows_dev]  # (b, 1, 1, M); these are gathered again when rows leave
-            h, state = x, None  # state: what the signal carries from a layer to the next
-            for j, layer in enumerate(self.decoder):
-                if ex.dec_threshold < 1.0:  # else no token ever skips a layer
-                    propagate(j, rows, s)
-                h_new = layer.step(h, caches[j], rows_dev, slots, self_mask,
-                                   cross.get(j, rows, rows_dev), mask)  # (b, n, C)
-                if j == L - 1:  # the last layer predicts for every sample still here
-                    predict(rows_dev, self.head(current(h_new)), s, L)
-                    break
-                if theta < 1.0:
-                    now = current(h_new)  # (b, C)
-                    logits = self.head(now) if signal.head else None  # (b, V): this token's only
-                    value, state = signal.fn(now, current(h), logits, j + 1, state)
-                    done_dev = value > theta  # (b,)
-                    done = done_dev.cpu()  # one host sync per layer, for the compaction
-                    if done.any():
-                        idx = rows_dev[done_dev]  # (e,)
-                        predict(idx, self.head(now[done_dev]) if logits is None
-                                else logits[done_dev], s, j + 1)
-                        exit_h[idx[:, None], slots[done_dev]] = h_new[done_dev]  # (e, n, C)
-                        if done.all():
-                            break
-                        keep, keep_dev = ~done, ~done_dev
-                        h_new, rows, rows_dev = h_new[keep_dev], rows[keep], rows_dev[keep_dev]
-                        slots, at = slots[keep_dev], at[keep_dev]
-                        mask, self_mask = mask[keep_dev], self_mask[keep_dev]
-                        state = None if state is None else state[keep_dev]
-                h = h_new
-            # Samples that just wrote eos are finished: drop them from the next steps.
-            cur = tokens[alive_dev, s]
-            going = (cur != cfg.eos_id).cpu()
+            d.step(x, s, ex)
+            cur = d.tokens[d.alive, s]  # (b,) the token each row just generated
+            going = (cur != cfg.eos_id).cpu()  # rows that wrote eos are finished
             if not going.any():
                 break
-            if not going.all():
-                going_dev = going.to(dev)
-                alive, alive_dev, cur = alive[going], alive_dev[going_dev], cur[going_dev]
-            if s + 1 < S:  # the next step reads the token each row just generated
-                x = (self.tok_emb(cur) + self.tgt_pos(first_dev[alive_dev] + s + 1))[:, None]
+            d.alive, cur = d.alive[going], cur[going]
+            if s + 1 < S:  # the next step reads it
+                pos = (d.first[d.alive] + s + 1).to(images.device)
+                x = (self.tok_emb(cur) + self.tgt_pos(pos))[:, None]  # (b, 1, C)
         n = s + 1  # steps taken
-        return Generation(tokens[:, :n], img_layers, txt_layers, dec_layers[:, :n],
-                          None if logits_out is None else logits_out[:, :n])
+        return Generation(d.tokens[:, :n], img_layers, txt_layers, d.layers[:, :n],
+                          None if d.logits is None else d.logits[:, :n])
 
     def check_prefix(self, prefix, B):
         """-> (B, P) bool, True on the prefix's real tokens. Raises ValueError naming the fault."""
-        cfg = self.cfg
-        if not torch.is_tensor(prefix) or prefix.dim() != 2 or prefix.dtype != torch.long:
-            raise ValueError(f"prefix must be a (B, P) long tensor, got "
-                             f"{getattr(prefix, 'dtype', type(prefix))}")
-        if prefix.shape[0] != B or not 1 <= prefix.shape[1] <= cfg.max_tgt_len:
-            raise ValueError(f"prefix has shape {tuple(prefix.shape)}, needs ({B}, 1.."
-                             f"{cfg.max_tgt_len})")
-        if prefix.min() < 0 or prefix.max() >= cfg.vocab_size:
-            raise ValueError(f"prefix holds token ids outside [0, {cfg.vocab_size})")
-        real = prefix != cfg.pad_id
+        self.check_ids("prefix", prefix, B, self.cfg.max_tgt_len)
+        real = prefix != self.cfg.pad_id
         if not real[:, 0].all() or (real[:, 1:] & ~real[:, :-1]).any():
             raise ValueError("each prefix row must be real tokens then padding only (bos first)")
         return real
@@ -745,29 +584,138 @@ class MuE(nn.Module):
         return shallow.train(self.training)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: one file with the weights, the config and whatever plain data the caller adds
-# (tokenizer, step, calibrated thresholds, the plugins used), loadable with
-# torch.load(weights_only=True). A checkpoint names its plugins but never runs them: loading
-# weights must not run code, so the user passes --plugin again.
+class Decoding:
+    """One batched greedy decode with exits (Sec. 3.3), the state `MuE.generate` drives.
+
+    After each decoder layer, a row whose signal beats Theta(s) predicts from that layer and
+    leaves the working set; the others go on. A token that left at layer k keeps its exit state,
+    and when a later token of its row first reads a deeper layer j, the token's keys and values
+    there are computed from that state (CALM's state propagation, on demand: the same entries as
+    writing every deeper layer at the exit, and layers no later token reaches cost nothing). Row
+    indices live on the host, where the bookkeeping is; torch moves an index to the device when
+    it indexes a tensor there."""
+
+    def __init__(self, model, memory, valid, real, n_new, return_logits):
+        B, P = real.shape
+        cfg, L, T, H = model.cfg, len(model.decoder), P - 1 + n_new, model.cfg.n_heads
+        self.model, self.n_new, self.memory = model, n_new, memory
+        self.mem_mask = valid[:, None, None, :]  # (B, 1, 1, M)
+        # Self-attention caches, per layer (keys, values), each (B, H, T, C/H); cached[j] (B,):
+        # each row's positions below it are in layer j's cache (the rest skipped the layer).
+        shape = (B, H, T, cfg.d_model // H)
+        self.caches = [(memory.new_zeros(shape), memory.new_zeros(shape)) for _ in range(L)]
+        self.cached = [torch.zeros(B, dtype=torch.long) for _ in range(L)]
+        self.exit_h = memory.new_zeros(B, T, cfg.d_model)  # each token's state where it exited
+        # Cross-attention keys and values of the memory, per layer, computed when a row first
+        # reaches the layer: a row whose tokens all exit by layer k never pays for the deeper ones.
+        self.cross_kv = [None] * L  # per layer: (keys, values), each (B, H, M, C/H)
+        self.have = [torch.zeros(B, dtype=torch.bool) for _ in range(L)]  # (B,) rows computed
+        self.first = real.sum(1).cpu() - 1  # (B,) each row's last prefix position, which
+        # predicts its first new token
+        self.alive = torch.arange(B)  # rows still generating
+        self.tokens = torch.full((B, n_new), cfg.pad_id, dtype=torch.long, device=memory.device)
+        self.layers = torch.zeros_like(self.tokens)  # decoder layers run per token
+        self.logits = memory.new_zeros(B, n_new, cfg.vocab_size) if return_logits else None
+
+    def step(self, x, s, ex):
+        """Step s for the rows in self.alive: x (b, n, C) is what they read, each row's whole
+        prefix at s = 0 and its last generated token after. Each row emits token s."""
+        decoder, signal = self.model.decoder, DEC_SIGNALS[ex.dec_criterion]
+        theta = ex.dec_threshold_at(s, self.n_new)
+        rows, n = self.alive, x.shape[1]
+        start = self.first[rows] + s if s else torch.zeros_like(rows)  # (b,) x's first position
+        slots = start[:, None] + torch.arange(n)  # (b, n) positions of x
+        at = self.first[rows] + s - start  # (b,) where in x each row's predicting token is
+        K = int(self.first[rows].max()) + s + 1 if s else n  # cache positions anyone attends to
+        self_mask = (torch.arange(K) <= slots[:, :, None])[:, None].to(x.device)  # causal
+        mem_mask = self.mem_mask[rows]  # (b, 1, 1, M)
+        h, state = x, None  # state: what the signal carries from a layer to the next
+        for j, layer in enumerate(decoder):
+            if ex.dec_threshold < 1.0:  # else no token ever skips a layer
+                self.propagate(j, rows, s)
+            h_new = layer.step(h, self.caches[j], rows, slots, self_mask, self.cross(j, rows),
+                               mem_mask)  # (b, n, C)
+            if j == len(decoder) - 1:  # the last layer predicts for every row still here
+                self.emit(rows, self.model.head(pick(h_new, at)), s, j + 1)
+                return
+            if theta < 1.0:
+                now = pick(h_new, at)  # (b, C)
+                logits = self.model.head(now) if signal.head else None  # (b, V)
+                value, state = signal.fn(now, pick(h, at), logits, j + 1, state)
+                done = (value > theta).cpu()  # (b,): one host sync per layer, for the compaction
+                if done.any():
+                    self.emit(rows[done], self.model.head(now[done]) if logits is None
+                              else logits[done], s, j + 1)
+                    self.exit_h[rows[done][:, None], slots[done]] = h_new[done]  # (e, n, C)
+                    if done.all():
+                        return
+                    keep = ~done
+                    h_new, rows, slots, at = h_new[keep], rows[keep], slots[keep], at[keep]
+                    mem_mask, self_mask = mem_mask[keep], self_mask[keep]
+                    state = None if state is None else state[keep]
+            h = h_new
+
+    def propagate(self, j, rows, s):
+        """Before rows read layer j's cache at step s, write the entries of their earlier tokens
+        that skipped layer j, from their exit states. Then mark this step's tokens as cached:
+        layer j writes them itself."""
+        lo, top = self.cached[j][rows], self.first[rows] + s  # (b,) each: top = this step's slot
+        self.cached[j][rows] = top + 1
+        if s and (top > lo).any():  # step 0 reads the prefix: nothing before it
+            pos = torch.arange(int(top.max()))
+            r, p = ((pos >= lo[:, None]) & (pos < top[:, None])).nonzero(as_tuple=True)
+            r = rows[r]  # (e,), with p: one per missing (row, position)
+            layer = self.model.decoder[j]
+            put(self.caches[j], r, p[:, None], *layer.self_kv(self.exit_h[r, p][:, None]))
+
+    def cross(self, j, rows):
+        """Layer j's cross-attention keys and values of the memory, for batch rows `rows`."""
+        if self.cross_kv[j] is None:
+            B, M, C = self.memory.shape
+            shape = (B, self.model.cfg.n_heads, M, C // self.model.cfg.n_heads)
+            self.cross_kv[j] = (self.memory.new_empty(shape), self.memory.new_empty(shape))
+        missing = rows[~self.have[j][rows]]
+        if len(missing):
+            k, v = self.model.decoder[j].cross_attn.project_kv(self.memory[missing])
+            self.cross_kv[j][0][missing], self.cross_kv[j][1][missing] = k, v
+            self.have[j][missing] = True
+        return self.cross_kv[j][0][rows], self.cross_kv[j][1][rows]
+
+    def emit(self, rows, logits, s, n_layers):  # rows emit token s, read after n_layers layers
+        self.tokens[rows, s], self.layers[rows, s] = logits.argmax(-1), n_layers
+        if self.logits is not None:
+            self.logits[rows, s] = logits.float()
 
 
-def save_checkpoint(path, model: MuE, **extra):
-    """Write atomically: a temporary file in the same folder, then a rename, so that a crash
-    mid-write never leaves a half-written checkpoint where a good one was."""
+def pick(h, at):  # (b, n, C) -> (b, C): each row's state at its position `at` (b,)
+    return h[:, 0] if h.shape[1] == 1 else h[torch.arange(len(at)), at]
+
+
+# -- Checkpoints: the weights, the config and plain data (tokenizer, step, thresholds, the
+# plugins used), read with torch.load(weights_only=True), so loading one never runs code: a
+# checkpoint names its plugins, and the user passes --plugin again.
+
+
+def atomic_write(path, write):
+    """write(file) into a temporary file beside path, then rename it: a crash mid-write never
+    leaves a half-written file where a good one was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    state = {"model": model.state_dict(), "config": asdict(model.cfg), **extra}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def save_checkpoint(path, model: MuE, **extra):
+    state = {"model": model.state_dict(), "config": asdict(model.cfg), **extra}
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -777,15 +725,13 @@ def load_checkpoint(path, device="cpu"):
                          f"{os.path.join(path, 'ckpt.pt')}?)")
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
+    not_ours = f"{path!r} is not a checkpoint written by train.py"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one has no end
+        raise ValueError(f"{not_ours} (not a whole torch.save file)")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a truncated file, report.json, pickled objects...
-        # torch's own text asks to file an issue; its useful part is the unpickler's complaint
-        text = str(e).partition("WeightsUnpickler error:")[2] or str(e) or type(e).__name__
-        first = next(line for line in text.splitlines() + [text] if line.strip()).strip()
-        first = first.split(". ")[0]  # PytorchStreamReader's goes on for four sentences
-        raise ValueError(f"{path!r} is not a checkpoint written by train.py (torch.load could "
-                         f"not read it: {first})") from None
+    except (pickle.UnpicklingError, RuntimeError):  # pickled objects, or not torch's archive
+        raise ValueError(f"{not_ours} (torch.load(weights_only=True) refuses it)") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise ValueError(f"checkpoint {path!r} is not a MuE checkpoint (no model and config)")
     known = {f.name for f in fields(MuEConfig)}
@@ -815,8 +761,8 @@ PLUGINS = {}  # absolute path -> module, for every file load_plugin ran in this 
 
 def load_plugin(path):
     """Run a Python file of yours that registers signals, schedules or loss weights in the dicts
-    at the top of this file (README, "Exercises"). Each file runs once per process, however many
-    times it is named. Any error comes back as a ValueError naming the file and line."""
+    at the top of this file. Each file runs once per process, however many times it is named.
+    Any error comes back as a ValueError naming the file and line."""
     path = os.path.abspath(path)
     if path in PLUGINS:
         return PLUGINS[path]

@@ -1,34 +1,24 @@
 """Train MuE, then measure what its exits save.
 
     python train.py                          # the gpu preset with a CUDA GPU, else the cpu one
-    python train.py --preset cpu             # the laptop run on the shapes world (~10 min)
+    python train.py --preset cpu             # the laptop run on the shapes world
     python train.py --resume --out out       # continue out/ckpt.pt with its own settings
     python train.py --task ve --steps 300 --lr 5e-4 --out out/ve
     python train.py --data coco --ann dataset_coco.json --images coco/images --preset gpu
     python train.py --plugin tests/exercises/entropy_exit.py --dec-criterion entropy  # a plugin
     torchrun --nproc_per_node=4 train.py --preset gpu   # DistributedDataParallel, a shard per rank
 
-One run tells the whole story of the paper: train the unified model with the layer-wise loss
-(Sec. 3.4; every decoder layer learns to predict, all layers always run), then calibrate the exit
-thresholds on the validation split (eval.calibrate), and compare the full model with MuE on the
-test split (eval.compare): quality, layers used per modality and per token, the layer-count and
-FLOP-weighted reductions, and the measured speedup. Files, written by rank 0 only, atomically:
-<out>/ckpt.pt (weights, configs, tokenizer, step, loss history, optimizer, thresholds) and
-<out>/report.json.
-
-Every field of MuEConfig and TrainConfig is a flag of the same name (--batch-size or
---batch_size); a true/false field alone is a switch (--resume means --resume true). The data order
-and the dropout noise of step s depend only on (seed, s), and --resume takes every setting from
-the checkpoint except the flags given with it, so a resumed run gives the losses of the
-uninterrupted one. --plugin FILE.py (repeatable) runs a file of yours that registers exit signals,
-schedules or loss weights in mue's dicts before any setting is checked; the checkpoint records
-which files, and eval.py asks for them again (README, "Exercises").
+One run tells the paper's story: train with the layer-wise loss (Sec. 3.4: every decoder layer
+learns to predict, all layers always run), calibrate the exit thresholds on val
+(eval.calibrate), compare the full model with MuE on test (eval.compare). Rank 0 writes
+<out>/ckpt.pt and <out>/report.json, atomically. Every field of MuEConfig and TrainConfig is a
+flag (--batch-size or --batch_size; a true/false field alone is a switch). Step s's data and
+noise depend only on (seed, s), so a resumed run gives the losses of the uninterrupted one.
 """
 
 import argparse
 import math
 import os
-import re
 import shlex
 import sys
 import time
@@ -42,7 +32,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from eval import calibrate, compare, format_table, pick_device, write_json
+from eval import calibrate, check_device, check_target, compare, format_table, pick_device, \
+    write_json
 from mue import (PLUGINS, ExitConfig, MuE, MuEConfig, load_checkpoint, load_plugin, made_with,
                  save_checkpoint)
 
@@ -51,28 +42,23 @@ from mue import (PLUGINS, ExitConfig, MuE, MuEConfig, load_checkpoint, load_plug
 class TrainConfig:
     """How to train. MuEConfig holds the model; `preset` picks defaults for both."""
 
-    preset: str = "auto"  # "cpu": the laptop run; "gpu": wider, deeper, longer (see PRESETS);
-    # "auto": gpu when a CUDA GPU is there (and --device does not say cpu), else cpu
+    preset: str = "auto"  # "cpu" | "gpu" (PRESETS) | "auto": gpu when a CUDA GPU is used
     data: str = "shapes"  # "shapes" (built in, no download) | "coco" | "snli_ve"
     ann: str = ""  # coco: dataset_coco.json (Karpathy split); snli_ve: folder of the .jsonl files
     images: str = ""  # coco: the image folder; snli_ve: the Flickr30k image folder
-    task: str = "multi"  # shapes only: "multi" (both tasks, the default) | "caption" | "ve"
-    shapes: str = ""  # shapes only: other settings of its world, e.g. "max_objects=2,p_box=0.3"
-    # (data.ShapesDataset's; eval.py --shapes draws its test scenes otherwise: a shift)
-    premise: bool = True  # snli_ve: the prompt reads the premise caption too (the authors'
-    # --add-caption); false: the hypothesis alone, the image its only premise
-    min_count: int = 6  # real data: words seen fewer times in train read as <unk> (6 keeps what
-    # the Karpathy-split preprocessing keeps; data.MIN_COUNT); shapes has its grammar's vocabulary
+    task: str = "multi"  # shapes: "multi" (both tasks) | "caption" | "ve"
+    shapes: str = ""  # shapes: other settings of data.ShapesDataset, e.g. "max_objects=2"
+    premise: bool = True  # snli_ve: the prompt reads the premise too (the authors' add-caption)
+    min_count: int = 6  # real data: words seen fewer times in train read as <unk>
     steps: int = 3000  # optimizer steps
     batch_size: int = 32  # samples per step, over all ranks together
     lr: float = 1e-3  # peak learning rate of AdamW
     min_lr: float = 1e-4  # where the cosine decay ends
     warmup: int = 50  # steps of linear warm-up
-    weight_decay: float = 0.05  # AdamW's, on linear and conv weights (not norms, biases,
-    # embeddings or positions)
+    weight_decay: float = 0.05  # AdamW's, on linear and conv weights only
     grad_clip: float = 1.0  # maximum global gradient norm
     seed: int = 0  # data order, dropout, initial weights and the synthetic world
-    device: str = ""  # "" = cuda if present, else cpu
+    device: str = ""  # "cpu" | "cuda" | "cuda:N"; "" = cuda if present, else cpu
     workers: int = 1  # data-loading processes per rank (0 = in the training process)
     log_every: int = 50  # steps between progress lines
     ckpt_every: int = 200  # steps between checkpoints (one is always written at the end)
@@ -81,10 +67,8 @@ class TrainConfig:
     force: bool = False  # start over even though <out>/ckpt.pt exists (it is replaced)
     report: bool = True  # after training: calibrate the exits, compare with the full model
     target: float = 0.99  # calibration keeps at least this fraction of full-model quality
-    dec_criterion: str = "confidence"  # the report's decoder exit signal (mue.DEC_SIGNALS):
-    # "confidence" (max softmax) | "similarity" (the authors' hidden-state cosine) | a plugin's
-    dec_schedule: str = "decay"  # the report's decoder threshold: "decay" (the paper's, from
-    # CALM: it falls with the position, so a batch's late tokens leave sooner) | "constant"
+    dec_criterion: str = "confidence"  # the report's decoder exit signal (mue.DEC_SIGNALS)
+    dec_schedule: str = "decay"  # the report's decoder threshold (mue.DEC_SCHEDULES)
     enc_criterion: str = "cosine"  # the report's encoder exit signal (mue.ENC_SIGNALS)
     val_size: int = 1000  # validation samples for calibration (both tasks together, shapes)
     test_size: int = 1000  # test samples in the report (shapes: generated)
@@ -121,7 +105,7 @@ def parser():
                            help=f"{cls.__name__}.{f.name} (default {f.default!r})")
     p.add_argument("--plugin", action="append", metavar="FILE.py", help="a file that registers "
                    "exit signals, schedules or loss weights in mue's dicts, run before the "
-                   "settings are checked (README, Exercises); repeatable")
+                   "settings are checked (docs/exercises.md); repeatable")
     return p
 
 
@@ -174,17 +158,9 @@ def check_train_config(t: TrainConfig):
     if t.preset not in PRESETS:  # a checkpoint records the preset it ran, never "auto"
         raise ValueError(f"preset must be one of {sorted(PRESETS)} (parse_args resolves auto), "
                          f"got {t.preset!r}")
-    if t.data not in ("shapes", "coco", "snli_ve"):
-        raise ValueError(f"--data must be shapes, coco or snli_ve, got {t.data!r}")
-    if t.data != "shapes" and not (t.ann and t.images):
-        raise ValueError(f"--data {t.data} needs --ann and --images (nothing is downloaded)")
-    if t.shapes and t.data != "shapes":
-        raise ValueError(f"--shapes sets the shapes world, not {t.data}")
-    data.ShapesDataset(**data.shapes_settings(t.shapes))  # names and values, before any step
-    if t.task not in ("multi", "caption", "ve"):
-        raise ValueError(f"--task must be multi, caption or ve, got {t.task!r}")
-    if t.device and not re.fullmatch(r"cpu|cuda(:\d+)?", t.device):  # a usage error: exit 2
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {t.device!r}")
+    data.check_source(t.data, t.ann, t.images, t.shapes)
+    data.ShapesDataset(task=t.task)  # the task's name
+    check_device(t.device)
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "val_size", "test_size"):
         if getattr(t, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
@@ -194,14 +170,12 @@ def check_train_config(t: TrainConfig):
                          "weight-decay >= 0, workers >= 0")
     ExitConfig(dec_criterion=t.dec_criterion, dec_schedule=t.dec_schedule,
                enc_criterion=t.enc_criterion)  # names the field
-    if not 0 < t.target <= 1:
-        raise ValueError(f"--target must be in (0, 1], got {t.target}")
+    check_target(t.target)
     if t.resume and t.force:
         raise ValueError("--resume continues the checkpoint and --force replaces it: pick one")
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: datasets for the three splits, and the batches of each step.
+# -- Data: datasets for the three splits, and the batches of each step.
 
 
 def datasets(t: TrainConfig, m: MuEConfig, tok=None):
@@ -236,8 +210,7 @@ def lr_at(step, t: TrainConfig):
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ----------------------------------------------------------------------------------------------
-# Training.
+# -- Training.
 
 
 def setup_distributed(t: TrainConfig):
@@ -259,14 +232,12 @@ def setup_distributed(t: TrainConfig):
 
 def make_optimizer(model, t: TrainConfig):
     """AdamW with weight decay on the weights of linear layers and convolutions only: norms,
-    biases, the token and type embeddings and every position (src_pos, tgt_pos, img_row,
-    img_col) are not pulled towards zero. Chosen by module, so a new embedding is safe too."""
+    biases, embeddings and positions are not pulled towards zero. Chosen by module, so a new
+    embedding is safe too. Fused: one kernel per parameter group (docs/results.md, "Speed")."""
     weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     decay, rest = [], []
     for p in model.parameters():
         (decay if id(p) in weights else rest).append(p)
-    # fused: the whole update in one kernel per parameter group instead of a dozen list-wide
-    # ops; on the cpu preset's many small tensors that saves a tenth of a training step
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                               {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.98),
@@ -276,9 +247,8 @@ def make_optimizer(model, t: TrainConfig):
 def start(mcfg, tcfg, given, device):
     """Build or resume the model, optimizer and history. Refuses to overwrite a checkpoint that
     the user did not ask to replace, and to resume one of another configuration. A resumed run
-    takes every setting from the checkpoint: the preset's defaults, which parse_args filled in,
-    must not stand in for what the run was started with; only flags given in KEEP_ON_RESUME
-    change it."""
+    takes every setting from the checkpoint (the preset's defaults, which parse_args filled in,
+    must not stand in for them); only flags given in KEEP_ON_RESUME change it."""
     path = os.path.join(tcfg.out, "ckpt.pt")
     if not tcfg.resume:
         if os.path.exists(path) and not tcfg.force:
@@ -347,29 +317,12 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
     torch.manual_seed(tcfg.seed)
     model = MuE(mcfg).to(device)
     optimizer = make_optimizer(model, tcfg)
-    step, losses, saved_at = 0, [], None  # saved_at: the step of the checkpoint on disk
-    plugins = set(PLUGINS)  # every file that registered something this run's settings may name
+    run = Run(model, optimizer, tok, tcfg, master)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, losses = state["step"], list(state["losses"])
-        saved_at = step
-        plugins |= set(state.get("plugins") or [])
+        run.resume(state)
     # an encoder stopped early leaves its upper layers without gradients in that step
     net = DDP(model, device_ids=[device] if device.type == "cuda" else None,
               find_unused_parameters=mcfg.enc_depth_sampling > 0) if world > 1 else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    path = os.path.join(tcfg.out, "ckpt.pt")
-
-    def checkpoint(extra=None):
-        nonlocal saved_at
-        if master:
-            save_checkpoint(path, model, tokenizer=tok.state_dict(), step=step, losses=losses,
-                            train=asdict(tcfg), optimizer=optimizer.state_dict(),
-                            plugins=sorted(plugins), **(extra or {}))
-        saved_at = step
-
     per_rank = tcfg.batch_size // world
     workers = min(tcfg.workers, os.cpu_count() or 1)  # the gpu preset's 6 on a 2-core laptop
     batches = DataLoader(
@@ -377,20 +330,77 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
         collate_fn=partial(data.collate, tok=tok, max_src_len=mcfg.max_src_len,
                            max_tgt_len=mcfg.max_tgt_len),
         batch_sampler=[step_indices(s, len(train_set), tcfg.batch_size, tcfg.seed)
-                       [rank * per_rank:(rank + 1) * per_rank] for s in range(step, tcfg.steps)])
+                       [rank * per_rank:(rank + 1) * per_rank]
+                       for s in range(run.step, tcfg.steps)])
     if master:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"MuE {n_params / 1e6:.2f}M parameters | {mcfg.n_enc_layers}+{mcfg.n_dec_layers} "
               f"layers, d={mcfg.d_model} | {tcfg.data}/{tcfg.task} | {world} x {device} | "
-              f"steps {step}->{tcfg.steps}, batch {tcfg.batch_size}, {workers} data workers")
-    model.train()
-    t0, first = time.time(), step
+              f"steps {run.step}->{tcfg.steps}, batch {tcfg.batch_size}, {workers} data workers")
     try:
+        train_time = run.fit(net, batches, device, rank, world)
+    except KeyboardInterrupt:  # the checkpoint on disk is whole (written atomically): say so
+        raise KeyboardInterrupt(f"interrupted at step {run.step}; {run.saved()}") from None
+    run.checkpoint()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if master and tcfg.report:
+        try:
+            report(model, tok, val_set, test_set, tcfg, device, run.losses, train_time,
+                   run.checkpoint)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                f"interrupted during the report; training is complete in {run.path}, and "
+                f"python eval.py --ckpt {shlex.quote(run.path)} --calibrate reports on it"
+            ) from None
+    return run.losses
+
+
+class Run:
+    """A training run's state: the model, its optimizer, the step, the loss history, and the
+    checkpoint on disk (written by rank 0 only)."""
+
+    def __init__(self, model, optimizer, tok, tcfg, master):
+        self.model, self.optimizer, self.tok, self.tcfg, self.master = \
+            model, optimizer, tok, tcfg, master
+        self.path = os.path.join(tcfg.out, "ckpt.pt")
+        self.step, self.losses, self.saved_at = 0, [], None  # saved_at: the step on disk
+        self.plugins = set(PLUGINS)  # every file that registered a name the settings may use
+
+    def resume(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.losses = state["step"], list(state["losses"])
+        self.saved_at = self.step
+        self.plugins |= set(state.get("plugins") or [])
+
+    def checkpoint(self, extra=None):
+        if self.master:
+            save_checkpoint(self.path, self.model, tokenizer=self.tok.state_dict(),
+                            step=self.step, losses=self.losses, train=asdict(self.tcfg),
+                            optimizer=self.optimizer.state_dict(), plugins=sorted(self.plugins),
+                            **(extra or {}))
+        self.saved_at = self.step
+
+    def saved(self) -> str:  # what Ctrl-C leaves, and how to go on
+        if self.saved_at is None:
+            return (f"nothing of this run was saved (its first checkpoint: step "
+                    f"{min(self.tcfg.ckpt_every, self.tcfg.steps)})")
+        return (f"the last checkpoint (step {self.saved_at}) is in {self.path}: continue with "
+                f"python train.py --resume --out {shlex.quote(self.tcfg.out)}")
+
+    def fit(self, net, batches, device, rank, world) -> float:
+        """The training loop, from self.step to tcfg.steps. -> seconds it took."""
+        t, model, optimizer = self.tcfg, self.model, self.optimizer
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        model.train()
+        t0, first = time.time(), self.step
         for batch in batches:
             batch = batch.to(device)
-            torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)  # step s: dropout, depths
+            torch.manual_seed(t.seed * 1_000_003 + self.step * 1009 + rank)  # dropout, depths
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, tcfg)
+                group["lr"] = lr_at(self.step, t)
             with autocast:
                 _, loss = net(batch.images, batch.src, batch.tgt_in, batch.targets)
             if world > 1:  # each rank's loss is a mean over its own tokens: weigh it by them, so
@@ -401,7 +411,7 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
                 loss = loss * n * world / total
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             value = loss.detach().float()
             if world > 1:
                 dist.all_reduce(value)
@@ -409,40 +419,26 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
             value = value.item()  # one host sync a step: a NaN must stop the run before it lands
             if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"loss is {value} at step {step}: stopped; the last good checkpoint is kept "
-                    f"(lower --lr or --grad-clip, then --resume)")
+                    f"loss is {value} at step {self.step}: stopped; the last good checkpoint is "
+                    f"kept (lower --lr or --grad-clip, then --resume)")
             optimizer.step()
-            losses.append(value)
-            step += 1
-            if master and (step == first + 1 or step % tcfg.log_every == 0
-                           or step == tcfg.steps):  # step 1 at once: a slow run shows it early
-                dt = (time.time() - t0) / (step - first)
-                recent = losses[-min(len(losses), tcfg.log_every):]
-                print(f"step {step}/{tcfg.steps} | loss {sum(recent) / len(recent):.4f} | "
-                      f"lr {lr_at(step - 1, tcfg):.1e} | {1000 * dt:.0f} ms | "
-                      f"{tcfg.batch_size / dt:.0f} samples/s | "
-                      f"eta {_clock(dt * (tcfg.steps - step))}", flush=True)
-            if step % tcfg.ckpt_every == 0 and step < tcfg.steps:
-                checkpoint()
-    except KeyboardInterrupt:  # the checkpoint on disk is whole (written atomically): say so
-        how = (f"the last checkpoint (step {saved_at}) is in {path}: continue with "
-               f"python train.py --resume --out {shlex.quote(tcfg.out)}" if saved_at is not None
-               else f"nothing of this run was saved (its first checkpoint: step "
-                    f"{min(tcfg.ckpt_every, tcfg.steps)})")
-        raise KeyboardInterrupt(f"interrupted at step {step}; {how}") from None
-    train_time = time.time() - t0
-    checkpoint()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    if master and tcfg.report:
-        try:
-            report(model, tok, val_set, test_set, tcfg, device, losses, train_time, checkpoint)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(
-                f"interrupted during the report; training is complete in {path}, and "
-                f"python eval.py --ckpt {shlex.quote(path)} --calibrate reports on it") from None
-    return losses
+            self.losses.append(value)
+            self.step += 1
+            if self.master:
+                self.log(first, t0)
+            if self.step % t.ckpt_every == 0 and self.step < t.steps:
+                self.checkpoint()
+        return time.time() - t0
+
+    def log(self, first, t0):  # after step 1 (a slow run shows at once), then every log_every
+        t, step = self.tcfg, self.step
+        if step == first + 1 or step % t.log_every == 0 or step == t.steps:
+            dt = (time.time() - t0) / (step - first)
+            recent = self.losses[-min(len(self.losses), t.log_every):]
+            print(f"step {step}/{t.steps} | loss {sum(recent) / len(recent):.4f} | "
+                  f"lr {lr_at(step - 1, t):.1e} | {1000 * dt:.0f} ms | "
+                  f"{t.batch_size / dt:.0f} samples/s | eta {_clock(dt * (t.steps - step))}",
+                  flush=True)
 
 
 def report(model, tok, val_set, test_set, tcfg, device, losses, train_time, checkpoint):

@@ -711,7 +711,7 @@ def test_load_split_picks_the_source_and_caps_the_size(coco_files, snli_files):
         data.load_split("snli_ve", "test", str(f.ann), str(f.images))
     with pytest.raises(ValueError, match="unknown data source 'vqa'"):
         data.load_split("vqa", "val", "x", "y")
-    with pytest.raises(ValueError, match="needs an annotation path"):
+    with pytest.raises(ValueError, match="needs --ann and --images"):
         data.load_split("coco", "val", "", root)
     with pytest.raises(ValueError, match="split must be"):
         data.load_split("shapes", "dev")
