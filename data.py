@@ -258,15 +258,12 @@ class Spec:
 
 
 class ShapesDataset(Dataset):
-    """Sample i is a pure function of (seed, split, task, i), drawn when asked, so a large size
-    costs nothing. task="multi" alternates caption (even i) and ve (odd i). VE labels cycle
-    yes / no / maybe and kinds every three VE samples, so both are balanced over any long range.
-    spec(i) / scene(i) give the texts and the scene without drawing pixels (for checks and stats).
-    p_box: chance of a box, forced for "maybe"; a label that no scene with a box can carry ("no"
-    to "there is a red shape", or a count of two with max_objects=2) falls back to a scene
-    without one after 50 draws, so any p_box in [0, 1] works. clutter: at most this many
-    strokes. noise: pixel std on the [0, 1] scale. Settings the world cannot serve are refused
-    here, not at sample 1000. Defaults keep 1,000 samples under 2 s on one core."""
+    """Sample i is a pure function of (seed, split, task, i), drawn when asked. task="multi"
+    alternates caption (even i) and ve (odd i); VE labels cycle yes / no / maybe and kinds every
+    three VE samples, so both are balanced. spec(i) gives the texts and the scene without pixels.
+    p_box: the chance of a box (forced for "maybe"; a label no boxed scene can carry falls back
+    to one without after 50 draws); clutter: at most this many strokes; noise: pixel std on the
+    [0, 1] scale. Settings the world cannot serve are refused here, not at sample 1000."""
 
     def __init__(self, split="train", task="multi", size=None, seed=0, image_size=24,
                  max_objects=4, p_box=0.5, clutter=3, noise=0.03, grid=3):
@@ -340,9 +337,8 @@ class ShapesDataset(Dataset):
 
 def shapes_settings(text: str) -> dict:
     """'max_objects=2,p_box=0.3' -> {"max_objects": 2, "p_box": 0.3}: ShapesDataset's settings as
-    train.py's and eval.py's --shapes give them (a distribution shift is a test world drawn with
-    other settings than training's). The names are read off ShapesDataset itself, so a setting
-    you add there (README, "Exercises") is a name here too."""
+    --shapes gives them. The names are read off ShapesDataset, so a setting you add there
+    (docs/exercises.md, exercise 3) is a name here too."""
     fixed = ("split", "task", "size", "seed", "image_size")  # the command lines set these
     names = [n for n in inspect.signature(ShapesDataset).parameters if n not in fixed]
     out = {}
@@ -359,10 +355,9 @@ def shapes_settings(text: str) -> dict:
 
 
 def shapes_max_tokens() -> tuple[int, int]:
-    """The longest prompt, and the longest decoder input, that the shapes grammar writes, in
-    tokens: a VE prompt around the longest count, and whichever is longer of bos + a caption of
-    MAX_CAPTION_WORDS words and bos + that prompt + its answer (VE's decoder reads the prompt,
-    Sample.prefix). MuEConfig's max_src_len / max_tgt_len must hold them."""
+    """The longest prompt and the longest decoder input the shapes grammar writes, in tokens:
+    what MuEConfig's max_src_len / max_tgt_len must hold (VE's decoder reads bos, the prompt
+    and the answer; a caption bos and MAX_CAPTION_WORDS words)."""
     prompt = len(_TOKEN.findall(VE_PROMPT.format("there are at least three yellow shapes")))
     return prompt, max(MAX_CAPTION_WORDS + 1, prompt + 2)
 
@@ -380,14 +375,12 @@ def shapes_tokenizer() -> Tokenizer:
 # real data: COCO captions (Karpathy split) and SNLI-VE, from the files as they are published
 
 VE_PREMISE_PROMPT = 'can image and text1 " {} " imply text2 " {} "?'  # OFA's --add-caption
-# Text limits (MuEConfig.max_src_len, max_tgt_len) that train.py defaults to for each source. The
-# authors' SNLI-VE script reads up to 80 source tokens, premise included; since the decoder reads
-# the prompt again as its prefix (prev_output), its limit is the prompt's, plus bos and the answer.
+# Text limits that train.py defaults to per source: the authors' SNLI-VE script reads up to 80
+# source tokens, and the decoder reads bos, that prompt again (prev_output) and the answer.
 REAL_LENGTHS = {"coco": {"max_src_len": 32, "max_tgt_len": 32},
                 "snli_ve": {"max_src_len": 80, "max_tgt_len": 82}}
-# Real data: words seen fewer times in the training texts read as <unk>. The Karpathy-split
-# preprocessing everyone uses (neuraltalk2's prepro.py, word_count_threshold 5) keeps the words
-# seen more than 5 times, i.e. at least 6.
+# Words seen fewer times in the training texts read as <unk>: the Karpathy-split preprocessing
+# (neuraltalk2's prepro.py, word_count_threshold 5) keeps those seen more than 5 times.
 MIN_COUNT = 6
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # Pillow's
 
@@ -424,16 +417,14 @@ def _transform(image_size: int):
 
 
 class AnnotatedImages(Dataset):
-    """Samples named by annotation files, their images read from a folder when a sample is asked
-    for. items: (image path, prompt, target, references, where), `where` naming the annotation
-    (file and line, or entry) in every message about the sample. `cut` counts the texts shortened
-    to fit the model's limits (`cut_note` says which and to what)."""
+    """Samples named by annotation files, images read when a sample is asked for. items: (image
+    path, prompt, target, references, where), `where` naming the annotation in every message
+    about the sample; `cut` counts the texts shortened to fit the model (`cut_note`: how)."""
 
     task = ""  # "caption" or "ve"
 
     def _finish(self, ann_path, image_size, must_exist):
-        """Called last by __init__: the transform, and no run starts without its images (a
-        missing file found hours in would cost the run; data.py --check lists them all)."""
+        """Called last by __init__: no run starts without its images (data.py --check)."""
         self.tf = _transform(image_size)
         named = self.images()
         missing = [(p, w[0]) for p, w in named.items() if must_exist and not os.path.isfile(p)]
@@ -453,8 +444,7 @@ class AnnotatedImages(Dataset):
         return Sample(image, src, tgt, refs, self.task, src if self.task == "ve" else "")
 
     def texts(self) -> list[str]:
-        """Every prompt and target, as often as the model reads them: what a Tokenizer is built
-        from, without decoding any image."""
+        """Every prompt and target, as often as the model reads them (for Tokenizer.build)."""
         return [t for _, src, tgt, _, _ in self.items for t in (src, tgt)]
 
     def images(self) -> dict[str, list[str]]:
@@ -470,17 +460,11 @@ class AnnotatedImages(Dataset):
 
 
 class CocoCaptions(AnnotatedImages):
-    """COCO captions in Karpathy's split: dataset_coco.json as published with neuraltalk2,
-    {"images": [{"filepath": "val2014", "sentids": [770337, ...], "filename":
-    "COCO_val2014_000000391895.jpg", "imgid": 0, "split": "test", "sentences": [{"tokens": ["a",
-    "man", ...], "raw": "A man with ...", "imgid": 0, "sentid": 770337}, ...], "cocoid": 391895},
-    ...], "dataset": "coco"}; images at <image_dir>/<filepath>/<filename> or <image_dir>/<filename>.
-
-    split "train" also takes "restval", as everyone does (113,287 images; val and test 5,000
-    each). Train gives one sample per caption (all five are training signal); val and test one
-    per image, its first caption the target. Every caption of the image is a reference, never
-    cut. Captions are the tokens (raw when there are none), cleaned like OFA's. A target longer
-    than max_target words keeps its first max_target, as OFA's pre_caption does."""
+    """COCO captions in Karpathy's split: dataset_coco.json as neuraltalk2 published it (the
+    schema: docs/reference.md, "Real data"); images at <image_dir>/<filepath>/<filename> or
+    <image_dir>/<filename>. "train" takes "restval" too, one sample per caption; val and test
+    one per image, its first caption the target, all of them references (never cut). A target
+    longer than max_target words keeps its first max_target, as OFA's pre_caption does."""
 
     task = "caption"
 
@@ -527,22 +511,13 @@ class CocoCaptions(AnnotatedImages):
 
 
 class SnliVE(AnnotatedImages):
-    """SNLI-VE as published (github.com/necla-ml/SNLI-VE): snli_ve_{train,dev,test}.jsonl, one
-    SNLI line each (annotator_labels, captionID, gold_label, pairID, sentence1, sentence2 and
-    their parses) plus Flickr30K_ID, the number of the image: <image_dir>/<Flickr30K_ID>.jpg.
-    sentence1, the premise, is a Flickr30k caption of that image; sentence2 is the hypothesis.
-    Labels become OFA's answers: entailment -> yes, contradiction -> no, neutral -> maybe.
-
-    premise=True is the authors' recipe (OFA's --add-caption, which the MuE script passes): the
-    prompt reads 'can image and text1 " <premise> " imply text2 " <hypothesis> "?'. premise=False
-    asks 'does the image describe " <hypothesis> "?', so the image is the only premise: visual
-    entailment proper, where the caption makes the task largely a textual one. Either way the
-    prompt is also the decoder's prefix (OFA's prev_output). A prompt over max_prompt tokens
-    loses words from the end of the premise first, then of the hypothesis (OFA cuts each text to
-    a word budget too), and `cut` counts it.
-
-    SNLI's lines without a consensus label (gold_label "-") were dropped by SNLI-VE's generator,
-    so a file with one is not SNLI-VE (raw SNLI, perhaps): it is refused, not skipped."""
+    """SNLI-VE as published (github.com/necla-ml/SNLI-VE): snli_ve_{train,dev,test}.jsonl, an
+    SNLI line each plus Flickr30K_ID, the image <image_dir>/<Flickr30K_ID>.jpg (docs/reference.md,
+    "Real data"). premise=True is the authors' recipe (OFA's --add-caption): the prompt reads
+    sentence1, a caption of the image, and sentence2, the hypothesis; premise=False the
+    hypothesis alone. The prompt is also the decoder's prefix (prev_output); one over max_prompt
+    tokens loses words from the end of the premise first, and `cut` counts it. A gold_label "-"
+    line is refused: SNLI-VE's generator dropped them, so such a file is not SNLI-VE."""
 
     task = "ve"
     LABELS = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
@@ -606,13 +581,11 @@ def load_split(source: str, split: str, ann: str = "", images: str = "", image_s
                task: str = "multi", seed: int = 0, size: int | None = None, premise: bool = True,
                max_src_len: int = 32, max_tgt_len: int = 32, must_exist: bool = True,
                shapes: str = "") -> Dataset:
-    """One split ("train", "val" or "test") of a data source, its first `size` samples (all if
-    None): "shapes" (task, seed, and other ShapesDataset settings in `shapes`, as
-    shapes_settings reads them), "coco" (ann: dataset_coco.json) or "snli_ve" (ann: the folder of
-    snli_ve_{train,dev,test}.jsonl, or a path with "{split}"; val is SNLI-VE's dev; premise: see
-    SnliVE). Real texts are cut to fit max_src_len and max_tgt_len (the model's), and counted.
-    must_exist=False lists missing images instead of refusing them (data.py --check). train.py
-    and eval.py both load their data here, so they score the same samples."""
+    """One split ("train", "val" or "test") of a source, its first `size` samples (all if None):
+    "shapes" (task, seed, and ShapesDataset settings in `shapes`), "coco" (ann:
+    dataset_coco.json) or "snli_ve" (ann: the folder of snli_ve_{train,dev,test}.jsonl, or a
+    path with "{split}"; val is the dev file). Real texts are cut to the model's limits, and
+    counted. train.py and eval.py both load here, so they score the same samples."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     check_source(source, ann, images, shapes)

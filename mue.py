@@ -72,9 +72,8 @@ class MuEConfig:
         self.layer_weights()  # a plugin's weights are checked here, not at the first step
 
     def layer_weights(self) -> list[float]:
-        """Weights of the layer-wise loss (Sec. 3.4), normalised to sum to 1: the paper sums the
-        layers' losses; dividing keeps the printed loss on the scale of one cross-entropy, and
-        with AdamW changes nothing else but where gradient clipping bites."""
+        """The layer-wise loss's weights (Sec. 3.4), normalised to sum to 1 (the paper sums the
+        losses: with AdamW only the printed scale and where gradient clipping bites differ)."""
         n = self.n_dec_layers
         raw = [float(w) for w in LOSS_WEIGHTS[self.loss_weights](n)]
         if len(raw) != n or not all(w >= 0 for w in raw) or sum(raw) <= 0:  # NaN fails too
@@ -395,13 +394,10 @@ class MuE(nn.Module):
     # -- encoder with exits (Sec. 3.1, 3.2) ------------------------------------------------------
 
     def run_encoder(self, x, valid, rules, signal, trace=None, depth=None):
-        """Run the encoder layers on x: (B, N, C), with valid: (B, N) bool (True on real tokens).
-
-        rules: list of (name, tau, token mask (B, N)). A sample exits after layer l when, for
-        every rule, signal(h_l, h_{l-1}, its tokens) > tau: one rule per modality when
-        decomposed, both modalities' on the joint sequence. Exited samples leave the working
-        set, so deeper layers never see them. trace: a dict that collects every layer's signals
-        per rule name. depth: run the first `depth` layers only (enc_depth_sampling).
+        """The encoder layers on x: (B, N, C), valid: (B, N) True on real tokens. rules: [(name,
+        tau, token mask (B, N))]; a sample exits after layer l when signal(h_l, h_{l-1}, mask) >
+        tau for every rule (one per modality; both on the joint sequence), and leaves the working
+        set. trace: collects every layer's signals per rule name. depth: run only that many.
         -> the states (B, N, C), each sample's from its exit layer, and the layers run (B,)."""
         B, L = x.shape[0], len(self.encoder) if depth is None else depth
         layers = torch.full((B,), L, dtype=torch.long, device=x.device)
@@ -482,11 +478,9 @@ class MuE(nn.Module):
         return (self.head(x) if logits is None else logits), loss
 
     def sample_depths(self) -> tuple:
-        """Beyond the paper, off by default (LayerSkip-style early-exit training for the
-        encoder): the decoder only ever reads the encoder's last layer, so an encoder exit hands
-        it states it never saw. With chance enc_depth_sampling a training batch stops the image
-        and the text encoder at depths drawn uniformly from 1..L (one depth under joint fusion),
-        from torch's generator, which train.py seeds per step. -> (image depth, text depth)"""
+        """Beyond the paper (LayerSkip-style): with chance enc_depth_sampling a training batch
+        stops the image and the text encoder at depths drawn from 1..L, so that the decoder
+        learns the states an encoder exit hands it. -> (image depth, text depth)"""
         p, L = self.cfg.enc_depth_sampling, len(self.encoder)
         if not self.training or p == 0 or torch.rand(()).item() >= p:
             return None, None
@@ -497,13 +491,9 @@ class MuE(nn.Module):
     @torch.inference_mode()
     def generate(self, images, src, max_new_tokens, exit=None, return_logits=False, prefix=None):
         """Greedy decoding with MuE's exits; exit=None (or every threshold 1.0) is the full model.
-
-        prefix: (B, P) long, right-padded, what the decoder reads before its first prediction:
-        bos, then for VE the prompt itself (OFA's prev_output); None = bos alone. Step 0 reads
-        each row's whole prefix in one pass, and the prefix leaves the decoder with the token
-        its last position predicts (the authors' VE evaluation exits that pass as a whole); each
-        later step reads one generated token. Rows leave the working set when they exit
-        (`Decoding.step`) or write eos. dec_layers counts per generated token, as the paper."""
+        prefix: (B, P) long, right-padded: bos, then for VE the prompt (OFA's prev_output); None
+        = bos. Step 0 reads each row's prefix in one pass, which leaves the decoder with the token
+        it predicts; each later step reads one token. dec_layers counts per generated token."""
         if self.training:
             raise RuntimeError("call model.eval() before generate: dropout and batch-norm "
                                "statistics would make the output depend on chance and the batch")
@@ -585,15 +575,12 @@ class MuE(nn.Module):
 
 
 class Decoding:
-    """One batched greedy decode with exits (Sec. 3.3), the state `MuE.generate` drives.
-
-    After each decoder layer, a row whose signal beats Theta(s) predicts from that layer and
-    leaves the working set; the others go on. A token that left at layer k keeps its exit state,
-    and when a later token of its row first reads a deeper layer j, the token's keys and values
-    there are computed from that state (CALM's state propagation, on demand: the same entries as
-    writing every deeper layer at the exit, and layers no later token reaches cost nothing). Row
-    indices live on the host, where the bookkeeping is; torch moves an index to the device when
-    it indexes a tensor there."""
+    """One batched greedy decode with exits (Sec. 3.3), the state `MuE.generate` drives. After
+    each layer, a row whose signal beats Theta(s) predicts from that layer and leaves the working
+    set. A token that left at layer k keeps its exit state; when a later token first reads a
+    deeper layer, its keys and values there are computed from that state (CALM's state
+    propagation, on demand: layers no later token reaches cost nothing). Row indices live on the
+    host, with the bookkeeping; torch moves an index to the device where it indexes there."""
 
     def __init__(self, model, memory, valid, real, n_new, return_logits):
         B, P = real.shape
