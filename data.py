@@ -635,10 +635,10 @@ def collate(samples: list[Sample], tok: Tokenizer, max_src_len: int = 32, max_tg
             truncate: bool = False) -> Batch:
     """Pad to the longest in the batch. max_tgt_len counts the decoder's whole input: bos, the
     prefix and the target, so prefix + target may have max_tgt_len - 1 tokens. A longer text
-    raises ValueError, naming it, unless truncate=True (then the source and the prefix keep their
-    first max_src_len tokens, the target what fits, and eos): cutting a caption in silence would
-    teach the model to stop mid-sentence without anyone knowing. Use functools.partial(collate,
-    tok=tok) as a DataLoader collate_fn (picklable for workers)."""
+    raises ValueError, naming it, unless truncate=True (then the source keeps its first
+    max_src_len tokens, the prefix bos and as many, the target what fits, and eos): a caption
+    cut in silence would teach the model to stop mid-sentence. functools.partial(collate,
+    tok=tok) is a DataLoader collate_fn (picklable for workers)."""
     src = [tok.encode(s.src) for s in samples]
     pre = [[BOS_ID] + tok.encode(s.prefix) for s in samples]
     tgt = [tok.encode(s.tgt) for s in samples]
@@ -648,7 +648,8 @@ def collate(samples: list[Sample], tok: Tokenizer, max_src_len: int = 32, max_tg
                 f"batch sample {k} ({samples[k].task}) too long: source {len(s)} tokens (max "
                 f"{max_src_len}), bos + prefix {len(p)} + target {len(t)} (max {max_tgt_len}); "
                 f"src={samples[k].src!r} tgt={samples[k].tgt!r}. Raise the limits or truncate=True")
-    src, pre = [s[:max_src_len] for s in src], [p[:min(max_src_len, max_tgt_len - 1)] for p in pre]
+    src = [s[:max_src_len] for s in src]
+    pre = [p[:min(1 + max_src_len, max_tgt_len - 1)] for p in pre]  # bos + the prompt, if it fits
     tgt = [t[:max_tgt_len - len(p)] for p, t in zip(pre, tgt, strict=True)]
     B, S, Pn = len(samples), max(map(len, src)), max(map(len, pre))
     Tn = max(len(p) + len(t) for p, t in zip(pre, tgt, strict=True))

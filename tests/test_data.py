@@ -643,6 +643,22 @@ def test_snli_ve_prompts_cut_to_fit_the_premise_first(snli_files):
     assert alone.items[1][1] == 'does the image describe " the men are "?' and alone.cut == 6
 
 
+def test_an_80_token_prompt_keeps_its_question_mark_in_the_decoder(snli_files):
+    """--data snli_ve's limits (80 source tokens, 82 decoder tokens) hold bos, the whole prompt
+    and the answer: the prefix once lost its last token, the '?', in silence."""
+    f = snli_files
+    lines = [dict(r, sentence1=" ".join(["word"] * 100)) for r in f.lines["train"]]
+    (f.ann / "snli_ve_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    limits = data.REAL_LENGTHS["snli_ve"]
+    ds = data.load_split("snli_ve", "train", str(f.ann), str(f.images), **limits)
+    tok = Tokenizer.build(ds.texts())
+    assert ds.cut == 6 and all(len(tok.encode(s)) == 80 for _, s, *_ in ds.items)
+    b = collate([ds[i] for i in range(6)], tok, **limits)
+    assert b.prefix.shape[1] == 81 and (b.prefix[:, -1] == tok.ids["?"]).all()
+    assert b.tgt_in.shape[1] == 82 and (b.tgt_in[:, -2] == tok.ids["?"]).all()
+    assert (b.targets[:, 80] == b.tgt_in[:, 81]).all()  # the '?' predicts the answer
+
+
 def test_snli_ve_errors_name_the_file_and_line(snli_files, tmp_path):
     f = snli_files
     path, rows = f.ann / "snli_ve_dev.jsonl", f.lines["dev"]
