@@ -5,6 +5,8 @@ their exit signals spread across samples, layers and tokens and the thresholds h
 to separate. Everything runs on the CPU in float32, seeded.
 """
 
+import functools
+import inspect
 import math
 from dataclasses import replace
 
@@ -207,6 +209,38 @@ def thresholds_that_split(model, images, src, criterion, prefix=None, enc="cosin
                       enc_criterion=enc)
 
 
+def untouched(check):
+    """An oracle check that also hands its decoder and encoder signals (`criterion`, `enc`) only
+    what they must leave as it was: after every call, the states, logits and the signal's own
+    `state` memory are compared with copies taken before it, whether or not the output would
+    show a write."""
+    @functools.wraps(check)
+    def run(*args, **kwargs):
+        bound = inspect.signature(check).bind(*args, **kwargs)
+        bound.apply_defaults()
+        names = [(DEC_SIGNALS, bound.arguments["criterion"]), (ENC_SIGNALS, bound.arguments["enc"])]
+        saved = [registry[name] for registry, name in names]
+
+        def guarded(name, fn):
+            def call(*inputs):
+                before = [x.clone() if torch.is_tensor(x) else x for x in inputs]
+                out = fn(*inputs)
+                for x, y in zip(inputs, before, strict=True):
+                    assert not torch.is_tensor(x) or torch.equal(x, y), (
+                        f"signal {name!r} wrote into an input it was handed (in place)")
+                return out
+            return call
+        try:
+            for (registry, name), signal in zip(names, saved, strict=True):
+                registry[name] = replace(signal, fn=guarded(name, signal.fn))
+            return check(*args, **kwargs)
+        finally:
+            for (registry, name), signal in zip(names, saved, strict=True):
+                registry[name] = signal
+    return run
+
+
+@untouched
 def check_cached_equals_slow_reference(criterion, seed, with_prefix, enc="cosine"):
     model = make_model(seed)
     images, src = make_batch(seed=seed + 20)
@@ -240,6 +274,7 @@ def test_encoder_exits_equal_slow_reference(enc):
     check_cached_equals_slow_reference("confidence", 4, True, enc)
 
 
+@untouched
 def check_batch_equals_one_by_one(criterion, schedule, seed, enc="cosine"):
     model = make_model(seed)
     images, src = make_batch(B=8, seed=seed + 30)
@@ -276,6 +311,7 @@ def test_batch_equals_one_by_one_with_every_encoder_signal(enc):
     check_batch_equals_one_by_one("similarity", "constant", 3, enc)
 
 
+@untouched
 def check_unreachable_thresholds_change_nothing(criterion, enc="cosine", seed=0):
     """Thresholds just above every value the signals take on the full model's own outputs: the
     signals run at every layer and never fire, so the output is the full model's (a signal
@@ -404,6 +440,12 @@ def in_place(h, prev, logits, layer, state):
     return F.cosine_similarity(h.mul_(0.5), prev, dim=-1), None
 
 
+def counts_in_place(h, prev, logits, layer, state):
+    """Wrong on purpose: a memory across layers, counted up in the tensor it was handed."""
+    state = torch.zeros(h.shape[:-1] + (1,)) if state is None else state.add_(1)
+    return (state[..., 0] + 1) / (state[..., 0] + 2), state
+
+
 def authors_cosine(h, prev, mask):
     """The authors' encoder signal: one cosine over the whole batch flattened, padding and all."""
     return F.cosine_similarity(h.flatten().float(), prev.flatten().float(), 0).expand(len(h))
@@ -412,6 +454,7 @@ def authors_cosine(h, prev, mask):
 def test_the_oracles_fail_wrong_signals(monkeypatch):
     monkeypatch.setitem(DEC_SIGNALS, "batchwise", Signal(batchwise, low=0.0, head=True))
     monkeypatch.setitem(DEC_SIGNALS, "in_place", Signal(in_place, low=-1.0))
+    monkeypatch.setitem(DEC_SIGNALS, "counts", Signal(counts_in_place, low=0.0))
     monkeypatch.setitem(ENC_SIGNALS, "authors", Signal(authors_cosine, low=-1.0))
     with pytest.raises(AssertionError):
         check_batch_equals_one_by_one("batchwise", "constant", 0)
@@ -419,6 +462,9 @@ def test_the_oracles_fail_wrong_signals(monkeypatch):
         check_batch_equals_one_by_one("confidence", "constant", 3, "authors")
     with pytest.raises(AssertionError):
         check_unreachable_thresholds_change_nothing("in_place")
+    for check in (check_batch_equals_one_by_one, check_cached_equals_slow_reference):
+        with pytest.raises(AssertionError, match="'counts' wrote into an input"):
+            check("counts", "constant" if check is check_batch_equals_one_by_one else 0, 0)
 
 
 def test_joint_fusion_exits_both_modalities_together():
