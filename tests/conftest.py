@@ -26,6 +26,7 @@ worth truncating, and the mean colour says which file a sample came from); one i
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,21 +35,39 @@ import pytest
 import torch
 from PIL import Image
 
-import mue
-from data import ShapesDataset, collate, shapes_tokenizer
-
 ROOT = Path(__file__).resolve().parents[1]
+# pytest settles its root beside a `--plugin FILE.py` outside the repository (it takes the file
+# for a test path before it knows the option), so pyproject.toml's pythonpath does not apply.
+sys.path.insert(0, str(ROOT))
+
+import mue  # noqa: E402
+import mue_pytest  # noqa: E402
+from data import ShapesDataset, collate, shapes_tokenizer  # noqa: E402
+
 WORKED_EXAMPLE = ROOT / "tests" / "exercises" / "entropy_exit.py"
 SOLUTIONS = ROOT / "solutions.py"
 
 
-def pytest_addoption(parser):
-    parser.addoption("--plugin", action="append", default=[], metavar="FILE.py",
-                     help="a file that registers exit signals, schedules or loss weights in "
-                          "mue's dicts (solutions.py at the repository root is loaded anyway)")
+def pytest_addoption(parser, pluginmanager):
+    if not pluginmanager.has_plugin("mue_pytest"):  # not installed: --plugin=FILE.py still works
+        mue_pytest.pytest_addoption(parser)
+
+
+# `pytest -m exercise_N` runs exercise N's tests and the oracle tests of the names it registers;
+# they skip, saying what to write, until it exists (docs/exercises.md).
+EXERCISES = ["the worked example, an entropy exit (tests/exercises/entropy_exit.py)",
+             "a patience exit for the decoder (PABEE), DEC_SIGNALS['patience']",
+             "an encoder signal in which every token counts, ENC_SIGNALS['tokens']",
+             "exits under distribution shift, ShapesDataset(min_objects=...)",
+             "the decay schedule on long outputs, DEC_SCHEDULES['position']",
+             "a learned exit classifier, fit_exit_classifier in solutions.py",
+             "distilling the last layer into the early ones, distill_loss in solutions.py",
+             "token-level image exits, encode_image_tokens in solutions.py"]
 
 
 def pytest_configure(config):
+    for n, what in enumerate(EXERCISES):
+        config.addinivalue_line("markers", f"exercise_{n}: {what}")
     mine = [SOLUTIONS] if SOLUTIONS.exists() else []
     for path in [WORKED_EXAMPLE, *mine, *config.getoption("plugin")]:
         try:

@@ -89,6 +89,21 @@ def test_entropy_runs_through_eval_calibration_and_sweep(ckpt, tmp_path):
     assert [p.name for p in out.iterdir()] == ["sweep.png"]
 
 
+@pytest.mark.parametrize("spelling", ["--plugin {}", "--plugin={}"])
+def test_pytest_loads_a_plugin_file_from_anywhere(tmp_path, spelling):
+    """`pytest --plugin FILE.py`, FILE.py outside the repository: pytest must know the option
+    before it reads FILE.py (tests/mue_pytest.py, installed by requirements.txt)."""
+    mine = tmp_path / "elsewhere" / "mine.py"
+    mine.parent.mkdir()
+    mine.write_text("import os\nopen(os.environ['LOADED'], 'w').write('yes')\n")
+    cmd = [sys.executable, "-m", "pytest", *spelling.format(mine).split(), "-m", "exercise_0",
+           "-k", "entropy_is_one_minus", "-q", "-p", "no:cacheprovider"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "LOADED": str(tmp_path / "loaded")})
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "loaded").read_text() == "yes"
+
+
 # -- exercise 1: a patience exit (PABEE) -----------------------------------------------------
 
 
