@@ -391,12 +391,29 @@ def shallow_models(model):
             if (e, d) != (L_enc, L_dec)]
 
 
-def shuffled(samples, what: str) -> list:
-    """The samples, each with the next one's image (what="images") or prompt and decoder
-    prefix ("texts"), cyclically: the pairs no longer match, the references stay."""
+def grouped(samples, what="images") -> list[list[int]]:
+    """The samples' indices grouped by equal input, in order of first appearance: the same pixels
+    (what="images"; SNLI-VE's lines come several to an image) or the same prompt ("texts")."""
+    groups = {}
+    for i, s in enumerate(samples):
+        key = s.image.numpy().tobytes() if what == "images" else (s.src, s.prefix)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def shuffled(samples, what: str) -> list | None:
+    """The samples, each with another's image (what="images") or prompt and decoder prefix
+    ("texts"), the references kept: a permutation in which no sample gets an input equal to its
+    own. Equal inputs are put side by side, and each sample takes the input m places on, m the
+    largest group. None when one input is shared by more than half the samples."""
+    groups = grouped(samples, what)
+    order, m = [i for g in groups for i in g], max(map(len, groups))
+    if 2 * m > len(samples):
+        return None
     moved = ("image",) if what == "images" else ("src", "prefix")
-    return [replace(s, **{f: getattr(o, f) for f in moved})
-            for s, o in zip(samples, samples[1:] + samples[:1], strict=True)]
+    donor = {i: order[(k + m) % len(order)] for k, i in enumerate(order)}
+    return [replace(s, **{f: getattr(samples[donor[i]], f) for f in moved})
+            for i, s in enumerate(samples)]
 
 
 def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=True, n=None,
@@ -424,7 +441,9 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
                                                              txt_threshold=1.0)),
                    ("MuE encoder exits only", model, replace(ex, dec_threshold=1.0)),
                    *[(name, m, None) for name, m in shallows]]
+        ref = [0] * len(configs)  # each configuration's full model: the main one's, or its own
         for label, m, ab_exits in ablations:
+            ref += [len(configs)] * 2
             configs += [(f"{label}: full", m, None),
                         (f"{label}: MuE", m, ab_exits.get(task) or PAPER_EXITS[task])]
         runs = run_configs(configs, td.batches, tok, td.max_new)  # quality; warms up b32
@@ -433,16 +452,23 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
             ones = collated(td.samples[:n_b1], tok, cfg, 1, device)
             timed = {"b32": run_configs(configs, td.batches[:4], tok, td.max_new, repeats),
                      "b1": run_configs(configs, ones, tok, td.max_new, repeats, warmup=True)}
-        q_full = quality(task, runs[0].preds, runs[0].refs)["quality"]
+        q = [quality(task, r.preds, r.refs)["quality"] for r in runs]
         unknown = unknown_words(tok, [r for s in td.samples for r in s.refs])  # the model's <unk>
         for c, (name, _, e) in enumerate(configs):
-            rows.append({**summarize(name, task, runs[c], runs[0], q_full, depth, e),
-                         "unknown_ref_words": unknown, **speeds(timed, c)})
+            rows.append({**summarize(name, task, runs[c], runs[ref[c]], q[ref[c]], depth, e),
+                         "unknown_ref_words": unknown, **speeds(timed, c, ref[c]),
+                         "reference": configs[ref[c]][0], "batch_size": batch_size})
         for what in ("images", "texts") if task == "ve" else ("images",):
-            mixed = collated(shuffled(td.samples, what), tok, cfg, batch_size, device)
+            swapped = shuffled(td.samples, what)
+            if swapped is None:
+                log(f"compare {task} | no 'full, shuffled {what}' row: one {what[:-1]} is shared "
+                    f"by more than half of the {len(td.samples)} samples")
+                continue
+            mixed = collated(swapped, tok, cfg, batch_size, device)
             run = run_configs([("", model, None)], mixed, tok, td.max_new)[0]
-            rows.append({**summarize(f"full, shuffled {what}", task, run, runs[0], q_full, depth,
-                                     None), "unknown_ref_words": unknown, **speeds({}, 0)})
+            rows.append({**summarize(f"full, shuffled {what}", task, run, runs[0], q[0], depth,
+                                     None), "unknown_ref_words": unknown, **speeds({}, 0, 0),
+                         "reference": "full", "batch_size": batch_size})
         how = (f"timed: {len(timed['b32'][0].seconds)} batches of {len(td.batches[0].src)} and "
                f"{len(timed['b1'][0].preds)} at batch 1, median of {repeats}" if timing
                else "untimed")
@@ -452,14 +478,15 @@ def compare(model, test_set, tok, device, exits: dict, batch_size=32, timing=Tru
     return rows
 
 
-def speeds(timed: dict, c: int) -> dict:
-    """Configuration c's timing columns against the full model (configuration 0) at batch size 1
-    and 32: measured speedup, FLOP-predicted speedup, their ratio, ms per unit; None untimed."""
+def speeds(timed: dict, c: int, ref: int) -> dict:
+    """Configuration c's timing columns against its full model (configuration ref) at batch size
+    1 and the batch size ("b32"): measured speedup, FLOP-predicted speedup, their ratio, ms per
+    unit; None untimed."""
     out = {}
     for key in ("b1", "b32"):
         rs = timed.get(key)
-        meas = sum(rs[0].seconds) / sum(rs[c].seconds) if rs else None
-        pred = sum(rs[0].macs) / sum(rs[c].macs) if rs else None
+        meas = sum(rs[ref].seconds) / sum(rs[c].seconds) if rs else None
+        pred = sum(rs[ref].macs) / sum(rs[c].macs) if rs else None
         out.update({f"speedup_{key}": meas, f"pred_{key}": pred,
                     f"ratio_{key}": meas / pred if rs else None,
                     f"ms_{key}": 1e3 * statistics.fmean(rs[c].seconds) if rs else None})
@@ -492,19 +519,21 @@ COLUMNS = [  # header, cell: every number printed here is in the row (percents a
     ("layers-%", lambda r: _pct(r["layer_reduction"])),
     ("FLOPs-%", lambda r: _pct(r["flop_reduction"])),
     ("FLOP x", lambda r: f"{r['flop_speedup']:.2f}"),
-    ("b1 x (meas/pred)", lambda r: _speed(r, "b1")),
-    ("b32 x (meas/pred)", lambda r: _speed(r, "b32")),
+    ("b1 x (ratio to pred)", lambda r: _speed(r, "b1")),
+    ("b{B} x (ratio to pred)", lambda r: _speed(r, "b32")),  # B: the run's batch size
 ]
 
 
 def format_table(rows, columns=COLUMNS) -> str:
-    cells = [[h for h, _ in columns]] + [[f(r) for _, f in columns] for r in rows]
+    B = rows[0].get("batch_size", 32) if rows else 32
+    cells = [[h.format(B=B) for h, _ in columns]] + [[f(r) for _, f in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w)
                        in enumerate(zip(row, widths, strict=True))) for row in cells]
-    key = ("kept% = quality / the full model's | layers-% = the paper's expected time "
-           "reduction | FLOPs-% = FLOP-weighted | FLOP x = FLOP-predicted speedup | bN x = "
-           "measured speedup at batch size N (measured / FLOP-predicted, same samples)")
+    key = ("kept% = quality / the full model's (an ablation's own) | layers-% = the paper's "
+           "expected time reduction | FLOPs-% = FLOP-weighted | FLOP x = FLOP-predicted speedup "
+           "| bN x = measured speedup at batch size N (ratio to pred = measured / FLOP-predicted, "
+           "same samples)")
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], key])
 
 
@@ -714,6 +743,20 @@ def pick_device(name: str) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_output(flag, path, folder=False):
+    """Before any work: ValueError naming `flag` unless `path` can be written, a folder (or a
+    file) where one is wanted inside a folder this user may write. Nothing is created."""
+    kind, other = ("a folder", "a file") if folder else ("a file", "a folder")
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"{flag} {path} is {other}, not {kind}")
+    parent = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} cannot be written: {parent} is not a folder you may "
+                         f"write in")
+
+
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
 
@@ -745,14 +788,27 @@ def ablation_label(cfg, path):
     return "no layer-wise loss" if cfg.loss_weights == "last" else os.path.basename(path)
 
 
+SIGNAL_FIELDS = ("dec_criterion", "dec_schedule", "dec_beta", "dec_tau", "enc_criterion")
+
+
 def thresholds(state, flags) -> tuple[dict, dict]:
-    """-> (task -> ExitConfig, task -> where it came from). A checkpoint's own calibrated
-    thresholds, else the paper's scripts' (never another checkpoint's), the flags over either."""
-    saved = state.get("exits") or {}
-    exits = {t: ExitConfig(**{**(saved[t] if t in saved else asdict(e)), **flags})
-             for t, e in PAPER_EXITS.items()}
-    return exits, {t: "checkpoint (calibrated)" if t in saved else
-                   "the paper's scripts (uncalibrated)" for t in PAPER_EXITS}
+    """-> (task -> ExitConfig, task -> where its thresholds came from): the checkpoint's own
+    calibrated ones while the flags keep the signals they were calibrated for, else the paper's
+    scripts' (never another checkpoint's); threshold flags over either."""
+    saved, exits, source = state.get("exits") or {}, {}, {}
+    for task, paper in PAPER_EXITS.items():
+        mine = saved.get(task) or {}
+        moved = [f"{f} {v}" for f, v in mine.items() if f in SIGNAL_FIELDS and flags.get(f, v) != v]
+        use = mine if mine and not moved else asdict(paper)
+        where = "checkpoint (calibrated)" if use is mine else "the paper's scripts (uncalibrated)"
+        if moved:
+            where += (f", since the checkpoint's were calibrated for {', '.join(moved)} "
+                      f"(--calibrate calibrates the flags' signals)")
+        given = [f for f in KNOB_FIELDS.values() if f in flags]
+        if given:
+            where = "the flags" if len(given) == 3 else f"{where}; {'/'.join(given)} from flags"
+        exits[task], source[task] = ExitConfig(**{**use, **flags}), where
+    return exits, source
 
 
 def parser():
@@ -830,16 +886,23 @@ def check_registered(path, state, flags):
 
 
 def load(args, flags):
-    """Check the settings and read the checkpoints and the data, before anything runs.
-    -> [(path, model, state)], the tokenizer, val, test. ValueError names what is wrong."""
+    """Check the settings and the output paths, read the checkpoints and the data, before
+    anything runs. -> [(path, model, state)], the tokenizer, val, test, and the signals for
+    --calibrate and --sweep (an ExitConfig). ValueError names what is wrong."""
     if args.target is not None:
         check_target(args.target)
     if args.grid < 2 or not args.z >= 0:
         raise ValueError(f"need --grid >= 2 and --z >= 0, got {args.grid} and {args.z}")
+    args.out = args.out or os.path.dirname(args.ckpt) or "."  # beside the checkpoint
+    if args.sweep or not args.no_figures:
+        check_output("--out", args.out, folder=True)
+    if args.json:
+        check_output("--json", args.json)
+    for path in [args.ckpt, *args.ablation] if args.calibrate else ():  # rewritten in place
+        check_output("--calibrate rewrites", path)
     for path in args.plugin:  # first: they add names that the checks below accept
         load_plugin(path)
     args.device = pick_device(args.device or "")
-    ExitConfig(**{"dec_criterion": "confidence", **flags})  # check the names and ranges now
     model, state = load_checkpoint(args.ckpt, args.device)
     if "tokenizer" not in state:
         raise ValueError(f"checkpoint {args.ckpt!r} has no tokenizer (not written by train.py)")
@@ -856,12 +919,17 @@ def load(args, flags):
         checkpoints.append((path, m, st))
     for path, _, st in checkpoints:
         check_registered(path, st, flags)
+        thresholds(st, {} if args.calibrate else flags)  # the flags' names and ranges, now
     train = state.get("train") or {}
+    # The signals and the schedule for --calibrate and --sweep: the flags, else train.py's.
+    base = ExitConfig(**{"dec_criterion": train.get("dec_criterion", "confidence"),
+                         "dec_schedule": train.get("dec_schedule", "constant"),
+                         "enc_criterion": train.get("enc_criterion", "cosine"),
+                         **{k: v for k, v in flags.items() if k in SIGNAL_FIELDS}})
     args.n = args.n or train.get("test_size", 500)  # the samples train.py reported on
     args.n_val = args.n_val or train.get("val_size", 300)
     args.target = args.target or train.get("target", 0.99)
-    args.out = args.out or os.path.dirname(args.ckpt) or "."  # beside the checkpoint
-    return checkpoints, tok, *datasets(args, train, model.cfg)
+    return checkpoints, tok, *datasets(args, train, model.cfg), base
 
 
 def main(argv=None) -> int:
@@ -879,16 +947,11 @@ def main(argv=None) -> int:
         return 1
 
 
-def evaluate(args, flags, checkpoints, tok, val_set, test_set) -> int:
+def evaluate(args, flags, checkpoints, tok, val_set, test_set, base) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     path, model, state = checkpoints[0]
     train = state.get("train") or {}
-    # The signals and the schedule for --calibrate and --sweep: the flags, else train.py's.
-    base = ExitConfig(**{"dec_criterion": train.get("dec_criterion", "confidence"),
-                         "dec_schedule": train.get("dec_schedule", "constant"),
-                         "enc_criterion": train.get("enc_criterion", "cosine"),
-                         **{k: v for k, v in flags.items() if not k.endswith("_threshold")}})
     tasks = {"coco": ["caption"], "snli_ve": ["ve"]}.get(args.data or train.get("data")) or (
         ["caption", "ve"] if train.get("task", "multi") == "multi" else [train["task"]])
     result = {"checkpoint": args.ckpt, "device": args.device, "settings": vars(args),

@@ -49,7 +49,7 @@ class MuEConfig:
     max_src_len: int = 32  # longest prompt, in tokens
     max_tgt_len: int = 32  # longest decoder input: bos, prefix and target (eos scored after it)
     fusion: str = "decomposed"  # "decomposed": image and text apart (MuE) | "joint": one sequence
-    loss_weights: str = "uniform"  # the layer-wise loss's weights, a name in LOSS_WEIGHTS
+    loss_weights: str = "uniform"  # LOSS_WEIGHTS: "uniform" (the paper's) | "linear" | "last"
     enc_depth_sampling: float = 0.0  # beyond the paper: chance a batch stops its encoders early
     pad_id: int = 0  # padding token (ignored by attention and by the loss)
     bos_id: int = 1  # first decoder input

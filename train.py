@@ -17,8 +17,10 @@ noise depend only on (seed, s), so a resumed run gives the losses of the uninter
 """
 
 import argparse
+import inspect
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -32,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from eval import calibrate, check_device, check_target, compare, format_table, pick_device, \
-    write_json
+from eval import (calibrate, check_device, check_output, check_target, compare, format_table,
+                  pick_device, write_json)
 from mue import (PLUGINS, ExitConfig, MuE, MuEConfig, load_checkpoint, load_plugin, made_with,
                  save_checkpoint)
 
@@ -67,9 +69,9 @@ class TrainConfig:
     force: bool = False  # start over even though <out>/ckpt.pt exists (it is replaced)
     report: bool = True  # after training: calibrate the exits, compare with the full model
     target: float = 0.99  # calibration keeps at least this fraction of full-model quality
-    dec_criterion: str = "confidence"  # the report's decoder exit signal (mue.DEC_SIGNALS)
-    dec_schedule: str = "decay"  # the report's decoder threshold (mue.DEC_SCHEDULES)
-    enc_criterion: str = "cosine"  # the report's encoder exit signal (mue.ENC_SIGNALS)
+    dec_criterion: str = "confidence"  # the report's decoder signal: "confidence" | "similarity"
+    dec_schedule: str = "decay"  # the report's decoder threshold: "decay" (paper) | "constant"
+    enc_criterion: str = "cosine"  # the report's encoder signal: "cosine"
     val_size: int = 1000  # validation samples for calibration (both tasks together, shapes)
     test_size: int = 1000  # test samples in the report (shapes: generated)
 
@@ -90,10 +92,16 @@ KEEP_ON_RESUME = {"steps", "device", "workers", "log_every", "ckpt_every", "out"
                   "dec_schedule", "enc_criterion"}
 
 
+def field_docs(cls) -> dict[str, str]:
+    """Each field's comment in the dataclass's source, the one place a setting is documented."""
+    return dict(re.findall(r"^ +(\w+): [^#\n]*  # (.*)$", inspect.getsource(cls), re.M))
+
+
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in (MuEConfig, TrainConfig):
+        docs = field_docs(cls)
         for f in fields(cls):
             if f.name in DERIVED:
                 continue
@@ -102,7 +110,7 @@ def parser():
             kind = {bool: _boolean, int: int, float: float}.get(type(f.default), str)
             switch = dict(nargs="?", const=True) if kind is _boolean else {}  # --resume alone
             p.add_argument(*flags, dest=f.name, type=kind, default=None, **switch,
-                           help=f"{cls.__name__}.{f.name} (default {f.default!r})")
+                           help=f"{docs[f.name]} (default {f.default!r})".replace("%", "%%"))
     p.add_argument("--plugin", action="append", metavar="FILE.py", help="a file that registers "
                    "exit signals, schedules or loss weights in mue's dicts, run before the "
                    "settings are checked (docs/exercises.md); repeatable")
@@ -296,6 +304,7 @@ def preset_reason(tcfg, given) -> str:
 def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
     """The whole run. Returns the loss history (one value per step, averaged over ranks)."""
     check_train_config(tcfg)
+    check_output("--out", tcfg.out, folder=True)  # before any work, not at the first checkpoint
     rank, world, device = setup_distributed(tcfg)
     master = rank == 0
     if tcfg.batch_size % world:
@@ -338,7 +347,7 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
               f"layers, d={mcfg.d_model} | {tcfg.data}/{tcfg.task} | {world} x {device} | "
               f"steps {run.step}->{tcfg.steps}, batch {tcfg.batch_size}, {workers} data workers")
     try:
-        train_time = run.fit(net, batches, device, rank, world)
+        run.fit(net, batches, device, rank, world)
     except KeyboardInterrupt:  # the checkpoint on disk is whole (written atomically): say so
         raise KeyboardInterrupt(f"interrupted at step {run.step}; {run.saved()}") from None
     run.checkpoint()
@@ -347,7 +356,7 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
         dist.destroy_process_group()
     if master and tcfg.report:
         try:
-            report(model, tok, val_set, test_set, tcfg, device, run.losses, train_time,
+            report(model, tok, val_set, test_set, tcfg, device, run.losses, run.seconds,
                    run.checkpoint)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(
@@ -366,19 +375,22 @@ class Run:
             model, optimizer, tok, tcfg, master
         self.path = os.path.join(tcfg.out, "ckpt.pt")
         self.step, self.losses, self.saved_at = 0, [], None  # saved_at: the step on disk
+        self.seconds = 0.0  # spent training, resumed runs included
         self.plugins = set(PLUGINS)  # every file that registered a name the settings may use
 
     def resume(self, state):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.losses = state["step"], list(state["losses"])
+        self.seconds = state.get("seconds", 0.0)
         self.saved_at = self.step
         self.plugins |= set(state.get("plugins") or [])
 
     def checkpoint(self, extra=None):
         if self.master:
             save_checkpoint(self.path, self.model, tokenizer=self.tok.state_dict(),
-                            step=self.step, losses=self.losses, train=asdict(self.tcfg),
+                            step=self.step, losses=self.losses, seconds=self.seconds,
+                            train=asdict(self.tcfg),
                             optimizer=self.optimizer.state_dict(), plugins=sorted(self.plugins),
                             **(extra or {}))
         self.saved_at = self.step
@@ -390,12 +402,12 @@ class Run:
         return (f"the last checkpoint (step {self.saved_at}) is in {self.path}: continue with "
                 f"python train.py --resume --out {shlex.quote(self.tcfg.out)}")
 
-    def fit(self, net, batches, device, rank, world) -> float:
-        """The training loop, from self.step to tcfg.steps. -> seconds it took."""
+    def fit(self, net, batches, device, rank, world):
+        """The training loop, from self.step to tcfg.steps."""
         t, model, optimizer = self.tcfg, self.model, self.optimizer
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         model.train()
-        t0, first = time.time(), self.step
+        t0, first, before = time.time(), self.step, self.seconds
         for batch in batches:
             batch = batch.to(device)
             torch.manual_seed(t.seed * 1_000_003 + self.step * 1009 + rank)  # dropout, depths
@@ -423,12 +435,11 @@ class Run:
                     f"kept (lower --lr or --grad-clip, then --resume)")
             optimizer.step()
             self.losses.append(value)
-            self.step += 1
+            self.step, self.seconds = self.step + 1, before + time.time() - t0
             if self.master:
                 self.log(first, t0)
             if self.step % t.ckpt_every == 0 and self.step < t.steps:
                 self.checkpoint()
-        return time.time() - t0
 
     def log(self, first, t0):  # after step 1 (a slow run shows at once), then every log_every
         t, step = self.tcfg, self.step

@@ -7,13 +7,14 @@ few use a model trained for 60 steps (conftest's `trained`), so that quality is 
 exit can cost some.
 """
 
+import copy
 import itertools
 import json
 import math
 import re
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import eval as ev
 import mue
 from conftest import WORKED_EXAMPLE
-from data import ShapesDataset, collate
+from data import Sample, ShapesDataset, collate
 from mue import ExitConfig, MuE, MuEConfig, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,16 +230,60 @@ def test_compare_rows(trained, tok):
                      for n in ("full", "MuE"))
         assert full["quality"] == pytest.approx(q_full) and mue["quality"] == pytest.approx(q_mue)
         assert mue["img_layers"] == pytest.approx(sum(img) / len(img))
-        # the shuffled rows: each sample with the next one's image (or hypothesis), by hand
+        # the shuffled rows: the full model on pairs where every sample has another's input
         for what in ("images", "texts") if task == "ve" else ("images",):
-            nxt = mine[1:] + mine[:1]
-            pairs = [replace(s, image=o.image) if what == "images" else replace(
-                s, src=o.src, prefix=o.prefix) for s, o in zip(mine, nxt, strict=True)]
-            assert any(p.image is not s.image or p.src != s.src
-                       for p, s in zip(pairs, mine, strict=True))
+            pairs = check_deranged(mine, what)
             row = next(r for r in rows if r["task"] == task and r["name"] == f"full, shuffled "
                        f"{what}")
             assert row["quality"] == pytest.approx(own_quality(trained, pairs, tok, None)[0])
+
+
+def check_deranged(samples, what):
+    """ev.shuffled's pairs: the same inputs, each on another sample, none equal to the sample's
+    own (by pixels, or by text), and the references where they were."""
+    pairs = ev.shuffled(samples, what)
+    fields = ("image",) if what == "images" else ("src", "prefix")
+
+    def key(s):
+        return tuple(getattr(s, f).numpy().tobytes() if f == "image" else getattr(s, f)
+                     for f in fields)
+    assert sorted(map(key, pairs)) == sorted(map(key, samples))  # a permutation of the inputs
+    for p, s in zip(pairs, samples, strict=True):
+        assert key(p) != key(s) and p.refs == s.refs and p.tgt == s.tgt
+    return pairs
+
+
+def test_shuffled_images_differ_in_pixels_on_files_grouped_by_image():
+    """SNLI-VE's lines come grouped by image (5 images x 6 lines, as in the published files): the
+    next line's image is mostly the line's own, so every sample must get one from another group."""
+    images = [torch.full((3, 4, 4), float(k)) for k in range(5)]
+    samples = [Sample(images[k].clone(), f"does the image describe {k}-{j}?", "yes", ["yes"],
+                      "ve", f"does the image describe {k}-{j}?") for k in range(5)
+               for j in range(6)]
+    check_deranged(samples, "images")
+    check_deranged(samples, "texts")
+    lopsided = samples[:6] + samples[6:8]  # one image on 6 of 8 lines: no derangement exists
+    assert ev.shuffled(lopsided, "images") is None
+
+
+def test_an_ablation_row_is_measured_against_its_own_full_model(trained, tok):
+    """An ablation whose MuE changes nothing keeps 100% of its own full model, which scores
+    otherwise than the main one: against the main full model it read 70%."""
+    other = copy.deepcopy(trained)
+    with torch.no_grad():
+        other.decoder[-1].mlp[2].weight.mul_(-1.0)
+    never = {t: ExitConfig() for t in ("caption", "ve")}
+    rows = ev.compare(trained, ShapesDataset("test", "multi", image_size=32), tok, "cpu", never,
+                      batch_size=8, n=16, n_b1=1, repeats=1, ablations=[("half", other, never)],
+                      log=lambda line: None)
+    quality = {(r["task"], r["name"]): r["quality"] for r in rows}
+    assert quality["caption", "half: full"] != quality["caption", "full"]  # the models differ
+    for task in ("caption", "ve"):
+        row = {r["name"]: r for r in rows if r["task"] == task}
+        for name in ("half: full", "half: MuE"):
+            assert row[name]["reference"] == "half: full" and row[name]["retention"] == 1
+            assert row[name]["flop_reduction"] == 0 and row[name]["pred_b1"] == 1
+        assert row["MuE"]["reference"] == "full"
 
 
 def test_ve_is_decided_by_one_decoder_pass_as_the_authors_score_it(trained, tok):
@@ -472,6 +517,51 @@ def test_each_checkpoint_and_task_says_where_its_thresholds_come_from(ckpt, tmp_
     assert mue[("ve", "MuE")] == asdict(ve)
     for task in ("caption", "ve"):
         assert mue[(task, "other.pt: MuE")] == asdict(ev.PAPER_EXITS[task])
+
+
+def test_thresholds_say_when_they_come_from_the_flags_or_miss_the_flags_signal(ckpt, capsys):
+    state = torch.load(ckpt, weights_only=True)
+    saved = {"caption": asdict(ExitConfig(0.5, 0.6, 0.4, "similarity")),
+             "ve": asdict(ExitConfig(0.5, 0.6, 0.4))}
+    torch.save({**state, "exits": saved}, ckpt)
+    quick = ["--ckpt", str(ckpt), "--n", "4", "--no-timing", "--no-figures"]
+    assert ev.main(quick + ["--img", "0.99", "--txt", "0.9", "--dec", "0.8"]) == 0
+    assert ("caption 0.99/0.9/0.8 from the flags, ve 0.99/0.9/0.8 from the flags"
+            in capsys.readouterr().out)
+    assert ev.main(quick + ["--dec", "0.3"]) == 0
+    assert "caption 0.5/0.6/0.3 from checkpoint (calibrated); dec_threshold from flags" in \
+        capsys.readouterr().out
+    # a cosine threshold of -0.5 on the checkpoint that was calibrated with the cosine
+    assert ev.main(quick + ["--dec", "-0.5", "--json", str(ckpt.parent / "r.json")]) == 1
+    assert "dec_threshold must be a number in [0.0, 1.0]" in capsys.readouterr().err  # VE's
+    torch.save({**state, "exits": {"caption": saved["caption"]}}, ckpt)
+    assert ev.main(quick + ["--dec", "-0.5", "--criterion", "similarity"]) == 0
+    out = capsys.readouterr().out
+    assert "caption 0.5/0.6/-0.5 from checkpoint (calibrated); dec_threshold from flags" in out
+    # thresholds calibrated for one signal are never used with another
+    assert ev.main(quick + ["--criterion", "confidence"]) == 0
+    assert (f"caption {ev._thr(asdict(ev.PAPER_EXITS['caption']))} from the paper's scripts "
+            f"(uncalibrated), since the checkpoint's were calibrated for dec_criterion "
+            f"similarity (--calibrate calibrates the flags' signals)") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--json", "{tmp}"], "--json {tmp} is a folder, not a file"),
+    (["--out", "{tmp}/file.txt"], "--out {tmp}/file.txt is a file, not a folder"),
+    (["--out", "{tmp}/file.txt", "--calibrate"], "--out {tmp}/file.txt is a file"),
+    (["--json", "{tmp}/file.txt/r.json"], "cannot be written: {tmp}/file.txt is not a folder"),
+])
+def test_a_bad_output_path_is_refused_before_any_work(ckpt, tmp_path, args, message, capsys,
+                                                      monkeypatch):
+    (tmp_path / "file.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    monkeypatch.setattr(ev, "load_checkpoint", lambda *a: pytest.fail("read the checkpoint"))
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert ev.main(["--ckpt", str(ckpt), *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("eval.py: error: ") and err.count("\n") == 1
+    assert message.format(tmp=tmp_path) in err
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_shapes_flag_draws_the_test_scenes_otherwise_and_calibration_keeps_the_world(trained):

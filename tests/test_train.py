@@ -1,6 +1,7 @@
 """Tests of train.py: flags, resuming, failures that must keep the last good checkpoint, and a
 2-process torchrun run on the CPU. Tiny models and a few steps, so each test takes seconds."""
 
+import dataclasses
 import json
 import os
 import re
@@ -98,6 +99,31 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "ckpt.pt").exists()
 
 
+def test_help_says_what_each_flag_means_and_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for model_or_train in (mue.MuEConfig, train.TrainConfig):
+        docs = train.field_docs(model_or_train)
+        assert {f.name for f in dataclasses.fields(model_or_train)} - train.DERIVED <= docs.keys()
+    assert "--d-model D_MODEL, --d_model D_MODEL width of every token" in text
+    assert '--fusion FUSION "decomposed": image and text apart (MuE) | "joint"' in text
+    assert '"confidence" | "similarity" (default \'confidence\')' in text
+    assert "MuEConfig.d_model" not in text
+
+
+def test_a_bad_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "datasets", lambda *a: pytest.fail("read the data"))
+    (tmp_path / "file.txt").write_text("mine")
+    for out, message in ((tmp_path / "file.txt", "is a file, not a folder"),
+                         (tmp_path / "file.txt" / "run", "cannot be written")):
+        assert run(out) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"train.py: error: --out {out} ") and message in err
+        assert err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
 def test_embeddings_positions_norms_and_biases_are_not_decayed():
     model = mue.MuE(mue.MuEConfig(d_model=32, n_heads=2, d_ff=64, n_enc_layers=1,
                                   n_dec_layers=1, image_size=32))
@@ -162,12 +188,14 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, cap
         f"train.py: interrupted at step 3; the last checkpoint (step 3) is in {cut}/ckpt.pt: "
         f"continue with python train.py --resume --out {cut}\n")
     assert saved(cut)["step"] == 3 and [p.name for p in cut.iterdir()] == ["ckpt.pt"]
+    before = saved(cut)["seconds"]  # the time of steps 1-3, which the resumed run adds to
     assert train.main(["--resume", "--out", str(cut)]) == 0  # nothing else: the saved settings
     assert capsys.readouterr().out.startswith("preset cpu (the checkpoint's)\n")
 
     resumed = saved(cut)
     assert resumed["train"] == {**straight["train"], "out": str(cut), "resume": True}
     assert resumed["step"] == straight["step"] == 6 and len(resumed["losses"]) == 6
+    assert resumed["seconds"] > before > 0
     assert resumed["losses"] == pytest.approx(straight["losses"], abs=1e-6)
     for k, v in straight["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, atol=1e-6, rtol=0)
@@ -283,6 +311,7 @@ def test_report_calibrates_stores_thresholds_and_writes_json(tmp_path, capsys):
     names = {(r["task"], r["name"]) for r in report["rows"]}
     assert {("caption", "full"), ("caption", "MuE"), ("ve", "full"), ("ve", "MuE")} <= names
     assert report["train"]["steps"] == 4 and report["train"]["losses"] == state["losses"]
+    assert report["train"]["seconds"] == round(state["seconds"], 1) > 0
     assert report["plugins"] == state["plugins"] == sorted(mue.PLUGINS)  # the worked example
     assert "MuE" in printed and "report.json" in printed
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "report.json"]
