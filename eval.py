@@ -20,6 +20,7 @@ exits.png (where each modality and word exited), words.png (captions word by lay
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import statistics
@@ -252,29 +253,72 @@ def summarize(name, task, run: Run, full: Run, q_full, depth, ex) -> dict:
             "thresholds": None if ex is None else asdict(ex), "samples": len(run.preds)}
 
 
-# -- Calibration. Candidate thresholds are quantiles of the model's own exit signals on the val
-# samples (MuE.profile), over the layers where an exit is possible: a model trained from scratch
-# has its own similarity profile, where a fixed grid would mostly land where nothing, or
-# everything, exits. Why these levels: docs/results.md, "Calibration".
+# -- Calibration as risk control (Learn then Test: Angelopoulos et al. 2021; CALM, Schuster et
+# al. 2022, Sec. 4). The promise: with probability at least 1 - delta over the draw of the
+# validation samples, the chosen exits keep at least `target` of the full model's expected
+# quality on new samples from the same distribution (independent units: samples that share an
+# image count as one). The val samples are split: a fifth, the tuning units, orders the
+# candidates into a path from safe to daring; the rest tests them along that path in turn
+# (fixed-sequence testing), each test at delta / 2, and the last configuration that passed is
+# chosen; the other delta / 2 pays for a lower bound on the full model's quality. Candidate
+# thresholds are quantiles of the model's own exit signals on the tuning samples (MuE.profile):
+# a fixed grid would mostly land where nothing, or everything, exits. Why these levels:
+# docs/results.md, "Calibration".
 LEVELS = (0.95, 0.85, 0.7, 0.5, 0.3, 0.2, 0.1, 0.03, 0.01)
+QUALITY_MAX = {"ve": 100.0, "caption": 1000.0}  # a sample's best score: accuracy, CIDEr-D x 100
+TUNING = 0.2  # the share of the validation samples that orders the candidates
 
 
-def check_target(target):
+def check_calibration(target, delta):
     if not 0 < target <= 1:
         raise ValueError(f"--target must be in (0, 1], got {target}")
+    if not 0 < delta < 1:
+        raise ValueError(f"--delta must be in (0, 1), got {delta}")
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed in logs (n may be thousands)."""
+    return sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                        + i * math.log(p) + (n - i) * math.log1p(-p)) for i in range(k + 1))
+
+
+def p_value(losses: list[float], alpha: float) -> float:
+    """A p-value for "E[loss] >= alpha", from i.i.d. losses in [0, 1]: the exact binomial tail
+    when every loss is 0 or 1, else Hoeffding-Bentkus (the bound LTT uses for bounded losses):
+    min(exp(-n kl(mean, alpha)), e P(Binomial(n, alpha) <= ceil(n mean)))."""
+    n, mean = len(losses), statistics.fmean(losses)
+    if mean >= alpha:
+        return 1.0
+    if all(x in (0.0, 1.0) for x in losses):
+        return binomial_cdf(round(n * mean), n, alpha)
+    kl = mean * math.log(mean / alpha) if mean > 0 else 0.0
+    kl += (1 - mean) * math.log((1 - mean) / (1 - alpha))
+    return min(1.0, math.exp(-n * kl), math.e * binomial_cdf(math.ceil(n * mean), n, alpha))
+
+
+def upper_bound(losses: list[float], delta: float) -> float:
+    """The largest expected loss that p_value does not reject at delta: with probability at least
+    1 - delta, E[loss] is below it (bisection; p_value falls as alpha rises)."""
+    lo, hi = statistics.fmean(losses), 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if p_value(losses, mid) <= delta else (mid, hi)
+    return hi
 
 
 def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]]:
-    """Per knob, candidate ExitConfig fields, most conservative first. Decomposed: img, txt and
-    dec apart; joint fusion exits only when both modalities' rules agree, so img and txt move
-    together as one knob (at the same quantile level)."""
+    """Per knob, candidate ExitConfig fields, most conservative first, from the signals at the
+    positions that can exit: the encoder's layers but the last, the decoder's at the positions
+    generate decides (VE: the answer alone). Decomposed: img, txt and dec apart; joint fusion
+    exits only when both modalities agree, so img and txt move together as one knob."""
     L_enc, L_dec = model.cfg.n_enc_layers, model.cfg.n_dec_layers
     sig = {"img": [], "txt": [], "dec": []}
     for batch in td.batches[:2]:
         p = model.profile(batch.images, batch.src, batch.tgt_in, base.enc_criterion)
+        decided = batch.tgt_mask & (batch.tgt_mask.cumsum(1) <= td.max_new)  # (B, T)
         sig["img"].append(p["img"][:, :L_enc - 1].flatten())
         sig["txt"].append(p["txt"][:, :L_enc - 1].flatten())
-        sig["dec"].append(p[f"dec_{base.dec_criterion}"][:, :, :L_dec - 1][batch.tgt_mask])
+        sig["dec"].append(p[f"dec_{base.dec_criterion}"][:, :, :L_dec - 1][decided])
     cands = {}
     for name, vals in sig.items():
         v = torch.cat(vals).float().cpu()
@@ -291,90 +335,99 @@ def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]
     return {k: [c for i, c in enumerate(v) if c not in v[:i]] for k, v in out.items() if v}
 
 
-def calibrate(model, val_set, tok, device, target=0.99, batch_size=32, n=None, base=None,
-              log=print, z=1.645) -> dict[str, ExitConfig]:
-    """Per task in the first n samples of val_set: the thresholds keeping at least `target` x the
-    full model's quality there, with 95% confidence (z: see kept_bound; 0 trusts the val
-    estimate as it is), with the largest FLOP-weighted saving. base carries the decoder
-    criterion and schedule; its thresholds are ignored."""
-    check_target(target)
-    data = prepare(val_set, tok, model.cfg, n, batch_size, device)
-    return {task: calibrate_task(model, task, td, tok, target, base or ExitConfig(), LEVELS, log,
-                                 z) for task, td in data.items()}
+def calibrate(model, val_set, tok, device, target=0.99, delta=0.05, batch_size=32, n=None,
+              base=None, log=print) -> tuple[dict, dict]:
+    """Per task in the first n samples of val_set, the thresholds with the largest saving that
+    keep `target` of the full model's quality, as promised above. base carries the signals and
+    the schedule; its thresholds are ignored. -> (task -> ExitConfig, task -> a record)."""
+    check_calibration(target, delta)
+    found = {}
+    for task, td in prepare(val_set, tok, model.cfg, n, batch_size, device).items():
+        units = grouped(td.samples)
+        k = next(i for i in range(1, len(units) + 1)  # at least one unit on each side
+                 if i == len(units) - 1 or sum(map(len, units[:i])) >= TUNING * len(td.samples))
+        parts = [sorted(i for u in us for i in u) for us in (units[:k], units[k:])]
+        tune, test = (TaskData([td.samples[i] for i in part], collated(
+            [td.samples[i] for i in part], tok, model.cfg, batch_size, device), td.max_new)
+            for part in parts)
+        found[task] = calibrate_task(model, task, tune, test, tok, target, delta,
+                                     base or ExitConfig(), log)
+    return {t: ex for t, (ex, _) in found.items()}, {t: rec for t, (_, rec) in found.items()}
 
 
-def kept_bound(each, full_each, z) -> float:
-    """A one-sided lower confidence bound on a configuration's quality, from the same samples
-    run by the full model: the full model's quality plus the mean paired difference, less z
-    standard errors of that mean (z = 1.645: 95%)."""
-    d = [a - b for a, b in zip(each, full_each, strict=True)]
-    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0
-    return statistics.fmean(full_each) + statistics.fmean(d) - z * se
+def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, delta, base, log):
+    """The path on the tuning samples, then fixed-sequence testing on the rest (see above).
+    -> (ExitConfig, a record of what was done)."""
+    t0, q_max = time.perf_counter(), QUALITY_MAX[task]
+    never, runs, saving = {f: 1.0 for f in KNOB_FIELDS.values()}, [0], 0.0
 
+    def run(td, fields_):  # -> per-sample quality, FLOP-weighted saving against the full model
+        runs[0] += 1
+        ex = replace(base, **{**never, **fields_}) if fields_ else None
+        r = run_configs([("", model, ex)], td.batches, tok, td.max_new)[0]
+        return quality(task, r.preds, r.refs, per_sample=True)["per_sample"], sum(r.macs)
 
-def calibrate_task(model, task, td: TaskData, tok, target, base, levels, log, z) -> ExitConfig:
-    """Coordinate search, then a joint check. A configuration passes when the lower confidence
-    bound of its val quality (kept_bound) keeps the target. Each knob (image, text, decoder) is
-    tried alone at every candidate and keeps its passing candidates, largest saving first; the
-    combination of the first ones is then run, and while it fails, each knob in turn steps back
-    to its next passing candidate (or off), and the search moves to the passing combination with
-    the largest saving, else to the one with the highest bound (the full model always passes).
-    Trying every knob's step, not only the one that lost most alone, matters when a knob's
-    candidates all lose the same (docs/results.md, "Calibration")."""
-    t0 = time.perf_counter()
-    never = {f: 1.0 for f in KNOB_FIELDS.values()}
-    full = run_configs([("full", model, None)], td.batches, tok, td.max_new)[0]
-    full_q = quality(task, full.preds, full.refs, per_sample=True)
-    q_full = full_q["quality"]
-    if q_full <= 0:  # every exit keeps "100%" of nothing: the search would pick the most drastic
-        log(f"calibrate {task} | warning: the full model scores 0 on {len(td.samples)} val "
-            f"samples: the task was not learned, so nothing can be calibrated; every layer runs")
-        return replace(base, **never)
-    need, seen = target * q_full, {}
+    (q_tune, m_tune), (q_test, m_test) = run(tune, {}), run(test, {})
+    units = grouped(test.samples)
 
-    def trial(fields_):  # -> (quality, its lower bound, FLOP-weighted saving); others at 1
-        if not fields_:  # every knob off: the full model
-            return q_full, q_full, 0.0
-        key = tuple(sorted(fields_.items()))
-        if key not in seen:
-            ex = replace(base, **{**never, **fields_})
-            r = run_configs([("", model, ex)], td.batches, tok, td.max_new)[0]
-            q = quality(task, r.preds, r.refs, per_sample=True)
-            seen[key] = (q["quality"], kept_bound(q["per_sample"], full_q["per_sample"], z),
-                         1 - sum(r.macs) / sum(full.macs))
-        return seen[key]
-
-    passing = {}  # knob -> [(fields, quality, bound, saving)] that pass alone, largest saving 1st
-    for knob, cands in knobs(model, td, base, levels).items():
-        tried = [(c, *trial(c)) for c in cands]
-        passing[knob] = sorted((t for t in tried if t[2] >= need and t[3] > 0),
-                               key=lambda t: -t[3])  # a decoder that never exits costs heads
-        log(f"calibrate {task} | {knob} alone: " + ", ".join(
-            f"{'/'.join(f'{v:.6g}' for v in c.values())} -> {q:.1f} (>= {b:.1f}, "
-            f"{-100 * s:+.1f}% FLOPs)" for c, q, b, s in tried))
-
-    def joint(pick):  # knob -> index into passing[knob]  ->  the combination's fields
-        return {f: v for k, i in pick.items() for f, v in passing[k][i][0].items()}
-
-    def back(pick, k):  # knob k one step back: its next passing candidate, or off
-        return {**{j: i for j, i in pick.items() if j != k},
-                **({k: pick[k] + 1} if pick[k] + 1 < len(passing[k]) else {})}
-
-    pick = {k: 0 for k, v in passing.items() if v}  # each knob's largest passing saving
-    while trial(joint(pick))[1] < need:  # pick = {} (the full model) always passes
-        steps = [back(pick, k) for k in pick]
-        results = [trial(joint(p)) for p in steps]  # (quality, bound, saving) each
-        ok = [i for i, r in enumerate(results) if r[1] >= need]
-        pick = steps[max(ok, key=lambda i: results[i][2]) if ok else  # else highest bound,
-                     max(range(len(steps)), key=lambda i: results[i][1:])]  # then saving
-    chosen = joint(pick)
-    q, bound, saving = trial(chosen)
+    def unit_means(values):  # per unit (samples that share an image), in [0, 1]
+        return [statistics.fmean(values[i] for i in u) / q_max for u in units]
+    # with probability 1 - delta / 2 the full model's expected quality is at least `floor`
+    floor = 1 - upper_bound([1 - x for x in unit_means(q_test)], delta / 2)
+    record = {"procedure": "Learn then Test, fixed-sequence along a path ordered on tuning "
+              "samples; binomial or Hoeffding-Bentkus p-values", "delta": delta,
+              "target": target, "samples": {"tuning": len(tune.samples),
+                                            "testing": len(test.samples)},
+              "units": len(units), "full_quality_floor": q_max * floor}
+    if statistics.fmean(q_tune + q_test) <= 0:  # nothing to keep a share of
+        log(f"calibrate {task} | warning: the full model scores 0 on "
+            f"{len(tune.samples) + len(test.samples)} val samples: the task was not learned, so "
+            f"nothing can be calibrated; every layer runs")
+        return replace(base, **never), {**record, "tried": 0, "tested": 0, "passed": 0}
+    path = walk(knobs(model, tune, base, LEVELS), lambda f: run(tune, f), q_tune, m_tune, target)
+    tried, chosen, passed = runs[0] - 2, {}, 0
+    for fields_ in path:  # fixed-sequence testing: stop at the first configuration that fails
+        q, macs = run(test, fields_)
+        losses = unit_means([max(0.0, a - b) for a, b in zip(q_test, q, strict=True)])
+        if p_value(losses, (1 - target) * floor) > delta / 2:
+            break
+        chosen, passed, saving = fields_, passed + 1, 1 - macs / m_test
     ex = replace(base, **{**never, **chosen})
-    log(f"calibrate {task} | full {q_full:.1f} | chosen {_thr(asdict(ex))} -> {q:.1f}, "
-        f"bound {bound:.1f} ({_pct(q / q_full)}% kept, at least {_pct(bound / q_full)}% at "
-        f"z={z:g}; {-100 * saving:+.1f}% FLOPs) on {len(td.samples)} val samples, "
-        f"{len(seen) + 1} runs | {time.perf_counter() - t0:.1f} s")
-    return ex
+    log(f"calibrate {task} | path of {len(path)} on {len(tune.samples)} tuning samples "
+        f"({tried} runs), {passed} passed in turn on {len(test.samples)} testing samples "
+        f"({len(units)} units) | delta {delta:g}")
+    log(f"calibrate {task} | full {statistics.fmean(q_test):.1f} | chosen {_thr(asdict(ex))} "
+        f"({-100 * saving:+.1f}% FLOPs): keeps at least {100 * target:g}% "
+        f"with probability {1 - delta:g}, on {len(tune.samples) + len(test.samples)} val "
+        f"samples | {time.perf_counter() - t0:.1f} s")
+    return ex, {**record, "tried": tried, "tested": min(passed + 1, len(path)), "passed": passed}
+
+
+def walk(cands: dict[str, list[dict]], trial, q_full, m_full, target) -> list[dict]:
+    """The path, from the tuning samples: each knob's candidates tried alone, then one knob
+    one candidate further at a time, the step that loses least quality there (then saves most
+    FLOPs), while the losses of the steps taken, added up, keep `target` of the full model's
+    quality. A step saving under a point of the FLOPs more than the last one kept is passed
+    over, to test fewer. -> the joint configurations along it, safest first."""
+    alone = {}  # knob -> [(quality lost, FLOPs saved)] of its candidates, each alone
+    for k, cs in cands.items():
+        alone[k] = [(statistics.fmean(q_full) - statistics.fmean(q), m_full - macs)
+                    for q, macs in map(trial, cs)]
+    pick, lost, path, saved = {}, 0.0, [], 0.0
+    while True:
+        steps = [(alone[k][i][0] - (alone[k][i - 1][0] if i else 0.0),
+                  -(alone[k][i][1] - (alone[k][i - 1][1] if i else 0.0)), k)
+                 for k in cands if (i := pick.get(k, -1) + 1) < len(cands[k])]
+        if not steps:
+            return path
+        loss, _, k = min(steps)
+        lost += loss
+        if lost > (1 - target) * statistics.fmean(q_full):
+            return path
+        pick[k] = pick.get(k, -1) + 1
+        if sum(alone[j][i][1] for j, i in pick.items()) >= saved + 0.01 * m_full:
+            saved = sum(alone[j][i][1] for j, i in pick.items())
+            path.append({f: v for j, i in pick.items() for f, v in cands[j][i].items()})
 
 
 # -- The comparison: every configuration on the same test samples, timed against the full model.
@@ -853,8 +906,8 @@ def parser():
                    "them in each checkpoint (--img/--txt/--dec are then ignored)")
     p.add_argument("--target", type=float, help="quality to keep when calibrating (default: "
                    "train.py's --target, else 0.99)")
-    p.add_argument("--z", type=float, default=1.645, help="calibration keeps the target this "
-                   "many standard errors below the val estimate (1.645: 95%%; 0: the estimate)")
+    p.add_argument("--delta", type=float, default=0.05, help="calibration's chance of a wrong "
+                   "promise: the chosen exits keep --target with probability 1 - delta")
     p.add_argument("--sweep", action="store_true", help="threshold grid and trade-off PNG")
     p.add_argument("--grid", type=int, default=4, help="values per knob in the sweep")
     p.add_argument("--sweep-n", type=positive, default=200, help="test samples in the sweep (its "
@@ -889,10 +942,9 @@ def load(args, flags):
     """Check the settings and the output paths, read the checkpoints and the data, before
     anything runs. -> [(path, model, state)], the tokenizer, val, test, and the signals for
     --calibrate and --sweep (an ExitConfig). ValueError names what is wrong."""
-    if args.target is not None:
-        check_target(args.target)
-    if args.grid < 2 or not args.z >= 0:
-        raise ValueError(f"need --grid >= 2 and --z >= 0, got {args.grid} and {args.z}")
+    check_calibration(0.99 if args.target is None else args.target, args.delta)
+    if args.grid < 2:
+        raise ValueError(f"need --grid >= 2, got {args.grid}")
     args.out = args.out or os.path.dirname(args.ckpt) or "."  # beside the checkpoint
     if args.sweep or not args.no_figures:
         check_output("--out", args.out, folder=True)
@@ -960,8 +1012,8 @@ def evaluate(args, flags, checkpoints, tok, val_set, test_set, base) -> int:
     every = []  # per checkpoint, task -> ExitConfig: its own thresholds, else the paper's
     for path, m, st in checkpoints:
         if args.calibrate:  # each checkpoint gets its own thresholds, stored in it
-            found = calibrate(m, val_set, tok, args.device, args.target, args.batch_size,
-                              args.n_val, base, z=args.z)
+            found, result["calibration"] = calibrate(m, val_set, tok, args.device, args.target,
+                                                     args.delta, args.batch_size, args.n_val, base)
             st["exits"] = {t: asdict(e) for t, e in found.items()}
             st["plugins"] = sorted(set(st.get("plugins") or []) | set(PLUGINS))
             save_checkpoint(path, m, **{k: v for k, v in st.items() if k != "model"})

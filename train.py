@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from eval import (calibrate, check_device, check_output, check_target, compare, format_table,
-                  pick_device, write_json)
+from eval import (calibrate, check_calibration, check_device, check_output, compare,
+                  format_table, pick_device, write_json)
 from mue import (PLUGINS, ExitConfig, MuE, MuEConfig, load_checkpoint, load_plugin, made_with,
                  save_checkpoint)
 
@@ -69,10 +69,11 @@ class TrainConfig:
     force: bool = False  # start over even though <out>/ckpt.pt exists (it is replaced)
     report: bool = True  # after training: calibrate the exits, compare with the full model
     target: float = 0.99  # calibration keeps at least this fraction of full-model quality
+    delta: float = 0.05  # the chance that calibration's promise fails: it holds with 1 - delta
     dec_criterion: str = "confidence"  # the report's decoder signal: "confidence" | "similarity"
     dec_schedule: str = "decay"  # the report's decoder threshold: "decay" (paper) | "constant"
     enc_criterion: str = "cosine"  # the report's encoder signal: "cosine"
-    val_size: int = 1000  # validation samples for calibration (both tasks together, shapes)
+    val_size: int = 4000  # validation samples for calibration (both tasks together, shapes)
     test_size: int = 1000  # test samples in the report (shapes: generated)
 
 
@@ -82,13 +83,13 @@ PRESETS = {
     "gpu": dict(d_model=384, n_heads=6, d_ff=1536, n_enc_layers=8, n_dec_layers=8, dropout=0.1,
                 image_size=96, resnet_stages=2,
                 steps=4000, batch_size=256, lr=6e-4, min_lr=6e-5, warmup=300, workers=6,
-                log_every=100, ckpt_every=1000, val_size=1000, test_size=2000),
+                log_every=100, ckpt_every=1000, val_size=4000, test_size=2000),
 }
 MODEL_FIELDS = {f.name for f in fields(MuEConfig)}
 DERIVED = {"vocab_size", "pad_id", "bos_id", "eos_id"}  # set from the tokenizer, not by flags
 # What --resume lets a flag change; every other setting is the checkpoint's, given or not.
 KEEP_ON_RESUME = {"steps", "device", "workers", "log_every", "ckpt_every", "out", "resume",
-                  "force", "report", "target", "val_size", "test_size", "dec_criterion",
+                  "force", "report", "target", "delta", "val_size", "test_size", "dec_criterion",
                   "dec_schedule", "enc_criterion"}
 
 
@@ -178,7 +179,7 @@ def check_train_config(t: TrainConfig):
                          "weight-decay >= 0, workers >= 0")
     ExitConfig(dec_criterion=t.dec_criterion, dec_schedule=t.dec_schedule,
                enc_criterion=t.enc_criterion)  # names the field
-    check_target(t.target)
+    check_calibration(t.target, t.delta)
     if t.resume and t.force:
         raise ValueError("--resume continues the checkpoint and --force replaces it: pick one")
 
@@ -458,14 +459,15 @@ def report(model, tok, val_set, test_set, tcfg, device, losses, train_time, chec
     t0 = time.time()
     base = ExitConfig(dec_criterion=tcfg.dec_criterion, dec_schedule=tcfg.dec_schedule,
                       enc_criterion=tcfg.enc_criterion)
-    exits = calibrate(model, val_set, tok, device, target=tcfg.target, base=base)
+    exits, calibration = calibrate(model, val_set, tok, device, tcfg.target, tcfg.delta, base=base)
     checkpoint({"exits": {task: asdict(ex) for task, ex in exits.items()}})
     rows = compare(model, test_set, tok, device, exits)
     print(format_table(rows))
     out = {"train": {"steps": len(losses), "seconds": round(train_time, 1),
                      "final_loss": sum(losses[-50:]) / len(losses[-50:]), "losses": losses},
            "eval_seconds": round(time.time() - t0, 1),
-           "exits": {task: asdict(ex) for task, ex in exits.items()}, "rows": rows,
+           "exits": {task: asdict(ex) for task, ex in exits.items()}, "calibration": calibration,
+           "rows": rows,
            "plugins": sorted(PLUGINS)}
     path = os.path.join(tcfg.out, "report.json")
     write_json(path, out)

@@ -70,7 +70,7 @@ def test_entropy_runs_through_eval_calibration_and_sweep(ckpt, tmp_path):
     out, report = tmp_path / "out", tmp_path / "r.json"
     cmd = [sys.executable, "eval.py", "--ckpt", str(ckpt), "--plugin",
            "tests/exercises/entropy_exit.py", "--criterion", "entropy", "--calibrate",
-           "--target", "0.9", "--sweep", "--grid", "2", "--n", "4", "--n-val", "4",
+           "--target", "0.9", "--sweep", "--grid", "2", "--n", "4", "--n-val", "8",
            "--batch-size", "4", "--no-timing", "--no-figures", "--threads", "1", "--out",
            str(out), "--json", str(report)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -81,7 +81,7 @@ def test_entropy_runs_through_eval_calibration_and_sweep(ckpt, tmp_path):
     exits = [row["thresholds"] for row in result["sweep"] + result["rows"] if row["thresholds"]]
     assert exits and all(t["dec_criterion"] == "entropy" for t in exits)
     assert any(row["dec_layers"] < 3 for row in result["sweep"] if row["kind"] == "decoder only")
-    assert re.search(r"calibrate caption \| full .* \| chosen .* on 2 val samples", r.stdout)
+    assert re.search(r"calibrate caption \| full .* \| chosen .* on 4 val samples", r.stdout)
     assert r.stdout.count("configurations x 2 samples (entropy, constant)") == 2  # both tasks
     state = torch.load(ckpt, weights_only=True)  # calibrated with entropy, and says by which file
     assert {e["dec_criterion"] for e in state["exits"].values()} == {"entropy"}
