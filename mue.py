@@ -270,7 +270,7 @@ class DecoderLayer(nn.Module):
         entries are written; self_mask (b, 1, n, K): which of the first K positions they see."""
         a = self.ln1(x)
         put(cache, rows, slots, *self.self_attn.project_kv(a))
-        K = self_mask.shape[-1]
+        K, rows = self_mask.shape[-1], slice(None) if len(rows) == len(cache[0]) else rows
         x = x + self.self_attn.attend(a, cache[0][rows, :, :K], cache[1][rows, :, :K], self_mask)
         x = x + self.cross_attn.attend(self.ln2(x), *cross_kv, mask=mem_mask)
         return x + self.mlp(self.ln3(x))
@@ -404,15 +404,16 @@ class MuE(nn.Module):
         can_exit = all(tau < 1.0 for _, tau, _ in rules)
         mask = None if valid.all() else valid[:, None, None, :]  # (B, 1, 1, N)
         out, rows, h = None, torch.arange(B, device=x.device), x
-        token_masks = [m for _, _, m in rules]  # compacted with h, like mask
+        # compacted with h, like mask; None where every token is real (no masking to do)
+        token_masks = [None if mask is None and m is valid else m for _, _, m in rules]
         # zip, not self.encoder[:L]: slicing a ModuleList builds a new module on every call
         for l, layer in zip(range(1, L + 1), self.encoder, strict=False):
             h_new = layer(h, mask)
             if (can_exit and l < L) or trace is not None:
-                done = torch.ones(len(rows), dtype=torch.bool, device=x.device)
+                done = None  # (b,): every rule's signal above its tau
                 for (name, tau, _), m in zip(rules, token_masks, strict=True):
                     s = signal(h_new, h, m)  # (b,)
-                    done &= s > tau
+                    done = s > tau if done is None else done & (s > tau)
                     if trace is not None:
                         trace[name].append(s)
                 if can_exit and l < L and done.any():  # a host sync: compaction needs the rows
@@ -421,7 +422,7 @@ class MuE(nn.Module):
                     keep = ~done
                     rows, h_new = rows[keep], h_new[keep]
                     mask = None if mask is None else mask[keep]
-                    token_masks = [m[keep] for m in token_masks]
+                    token_masks = [m if m is None else m[keep] for m in token_masks]
                     if len(rows) == 0:
                         return out, layers
             h = h_new
@@ -615,7 +616,7 @@ class Decoding:
         at = self.first[rows] + s - start  # (b,) where in x each row's predicting token is
         K = int(self.first[rows].max()) + s + 1 if s else n  # cache positions anyone attends to
         self_mask = (torch.arange(K) <= slots[:, :, None])[:, None].to(x.device)  # causal
-        mem_mask = self.mem_mask[rows]  # (b, 1, 1, M)
+        mem_mask = self.mem_mask if len(rows) == len(self.mem_mask) else self.mem_mask[rows]
         h, state = x, None  # state: what the signal carries from a layer to the next
         for j, layer in enumerate(decoder):
             if ex.dec_threshold < 1.0:  # else no token ever skips a layer
@@ -666,6 +667,8 @@ class Decoding:
             k, v = self.model.decoder[j].cross_attn.project_kv(self.memory[missing])
             self.cross_kv[j][0][missing], self.cross_kv[j][1][missing] = k, v
             self.have[j][missing] = True
+        if len(rows) == len(self.memory):  # every row runs: no gather
+            return self.cross_kv[j]
         return self.cross_kv[j][0][rows], self.cross_kv[j][1][rows]
 
     def emit(self, rows, logits, s, n_layers):  # rows emit token s, read after n_layers layers
