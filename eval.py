@@ -867,7 +867,9 @@ def thresholds(state, flags) -> tuple[dict, dict]:
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--ckpt", help="checkpoint written by train.py")
+    p.add_argument("--spread", nargs="+", metavar="REPORT", help="instead: the headline figures "
+                   "of several report.json files (runs on other seeds), each as its range")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="a file "
                    "that registers exit signals, schedules or loss weights in mue's dicts, run "
                    "before anything else (docs/exercises.md); repeatable")
@@ -984,8 +986,45 @@ def load(args, flags):
     return checkpoints, tok, *datasets(args, train, model.cfg), base
 
 
+HEADLINES = [  # (row, figure, key, scale): what README quotes, per task
+    ("full", "full model quality", "quality", 1), ("MuE", "MuE kept %", "retention", 100),
+    ("MuE", "MuE fewer layers %", "layer_reduction", 100),
+    ("MuE", "MuE fewer FLOPs %", "flop_reduction", 100),
+    ("MuE", "MuE decoder layers a token", "dec_layers", 1),
+    ("MuE", "MuE speedup at batch 1", "speedup_b1", 1),
+    ("MuE", "MuE speedup at the batch size", "speedup_b32", 1)]
+
+
+def spread(paths) -> str:
+    """The headline figures of several train.py reports side by side, with their range; each
+    column is named by its report's folder."""
+    runs, names = [], [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    for path in paths:
+        with open(path) as f:
+            runs.append({(r["task"], r["name"]): r for r in json.load(f)["rows"]})
+    lines = [f"{'task':8s} {'figure':31s} " + " ".join(f"{n[-9:]:>9s}" for n in names) + "  range"]
+    for task in dict.fromkeys(t for t, _ in runs[0]):
+        for row, figure, key, scale in HEADLINES:
+            values = [scale * (r.get((task, row), {}).get(key) or math.nan) for r in runs]
+            known = [v for v in values if not math.isnan(v)]  # untimed runs have no speedups
+            span = f"{min(known):.2f} - {max(known):.2f}" if known else "-"
+            lines.append(f"{task:8s} {figure:31s} " + " ".join(f"{v:9.2f}" for v in values)
+                         + f"  {span}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.spread:
+        try:
+            print(spread(args.spread))
+        except (OSError, ValueError, KeyError) as e:  # not a report of train.py
+            print(f"eval.py: error: --spread: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if not args.ckpt:
+        p.error("--ckpt is required (or --spread REPORT [REPORT ...])")
     flags = {f: getattr(args, a) for a, f in FLAG_FIELDS.items() if getattr(args, a) is not None}
     try:  # a setting or a file that is not what it should be: one line, exit status 1
         loaded = load(args, flags)

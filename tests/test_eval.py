@@ -667,6 +667,26 @@ def test_a_checkpoint_calibrated_with_a_plugins_signal_asks_for_the_plugin(ckpt,
     assert "ve 0.9/0.9/0.5 from checkpoint (calibrated)" in capsys.readouterr().out
 
 
+def test_spread_puts_the_headlines_of_several_runs_side_by_side(tmp_path, capsys):
+    for seed, (kept, b1) in enumerate([(0.99, 1.5), (1.0, None), (0.995, 2.0)]):
+        rows = [{"task": "ve", "name": "full", "quality": 90.0 + seed},
+                {"task": "ve", "name": "MuE", "quality": 89.0, "retention": kept,
+                 "layer_reduction": 0.5, "flop_reduction": 0.4, "dec_layers": 1.5,
+                 "speedup_b1": b1, "speedup_b32": None}]
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "report.json").write_text(json.dumps({"rows": rows}))
+    assert ev.main(["--spread", *sorted(map(str, tmp_path.glob("seed*/report.json")))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[2:] == ["seed0", "seed1", "seed2", "range"]
+    assert lines[1].split()[-3:] == ["90.00", "-", "92.00"] and "MuE kept %" in lines[2]
+    assert lines[2].endswith("99.00 - 100.00") and lines[6].endswith("1.50 - 2.00")
+    assert lines[7].endswith("nan  -")  # untimed everywhere
+    assert ev.main(["--spread", str(tmp_path / "missing.json")]) == 1
+    assert "eval.py: error: --spread:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # neither --ckpt nor --spread
+        ev.main([])
+
+
 def test_counts_below_one_are_usage_errors(capsys):
     for flag in ("--n", "--n-val", "--batch-size", "--n-b1", "--repeats", "--threads", "--sweep-n"):
         with pytest.raises(SystemExit) as e:
