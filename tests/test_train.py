@@ -220,7 +220,7 @@ def test_resume_keeps_the_saved_settings_of_a_gpu_preset_run(tmp_path, capsys):
     state = saved(out)
     first = train.TrainConfig(**state["train"])
     assert (first.preset, first.val_size, first.test_size, state["config"]["dropout"]) == (
-        "gpu", 1000, 2000, 0.1)
+        "gpu", 4000, 2000, 0.1)
 
     mcfg, tcfg, given = train.parse_args(["--resume", "--out", str(out)])
     with pytest.raises(ValueError, match="already at step 2 of --steps 2"):
