@@ -344,6 +344,9 @@ def calibrate(model, val_set, tok, device, target=0.99, delta=0.05, batch_size=3
     found = {}
     for task, td in prepare(val_set, tok, model.cfg, n, batch_size, device).items():
         units = grouped(td.samples)
+        if len(units) < 2:
+            raise ValueError(f"calibrating {task} needs validation samples of at least two "
+                             f"images, got {len(td.samples)} of one (--n-val)")
         k = next(i for i in range(1, len(units) + 1)  # at least one unit on each side
                  if i == len(units) - 1 or sum(map(len, units[:i])) >= TUNING * len(td.samples))
         parts = [sorted(i for u in us for i in u) for us in (units[:k], units[k:])]
@@ -409,25 +412,27 @@ def walk(cands: dict[str, list[dict]], trial, q_full, m_full, target) -> list[di
     FLOPs), while the losses of the steps taken, added up, keep `target` of the full model's
     quality. A step saving under a point of the FLOPs more than the last one kept is passed
     over, to test fewer. -> the joint configurations along it, safest first."""
+    full = statistics.fmean(q_full)
     alone = {}  # knob -> [(quality lost, FLOPs saved)] of its candidates, each alone
     for k, cs in cands.items():
-        alone[k] = [(statistics.fmean(q_full) - statistics.fmean(q), m_full - macs)
-                    for q, macs in map(trial, cs)]
-    pick, lost, path, saved = {}, 0.0, [], 0.0
-    while True:
-        steps = [(alone[k][i][0] - (alone[k][i - 1][0] if i else 0.0),
-                  -(alone[k][i][1] - (alone[k][i - 1][1] if i else 0.0)), k)
-                 for k in cands if (i := pick.get(k, -1) + 1) < len(cands[k])]
-        if not steps:
-            return path
+        alone[k] = [(full - statistics.fmean(q), m_full - macs) for q, macs in map(trial, cs)]
+
+    def step(k, i):  # knob k's step to its candidate i: (quality lost, -FLOPs saved, k)
+        before = alone[k][i - 1] if i else (0.0, 0.0)
+        return alone[k][i][0] - before[0], before[1] - alone[k][i][1], k
+
+    pick, lost, path, saved = {}, 0.0, [], 0.0  # pick: knob -> its candidate on the path
+    while steps := [step(k, pick.get(k, -1) + 1) for k in cands
+                    if pick.get(k, -1) + 1 < len(cands[k])]:
         loss, _, k = min(steps)
         lost += loss
-        if lost > (1 - target) * statistics.fmean(q_full):
-            return path
+        if lost > (1 - target) * full:
+            break
         pick[k] = pick.get(k, -1) + 1
-        if sum(alone[j][i][1] for j, i in pick.items()) >= saved + 0.01 * m_full:
-            saved = sum(alone[j][i][1] for j, i in pick.items())
+        if (now := sum(alone[j][i][1] for j, i in pick.items())) >= saved + 0.01 * m_full:
+            saved = now
             path.append({f: v for j, i in pick.items() for f, v in cands[j][i].items()})
+    return path
 
 
 # -- The comparison: every configuration on the same test samples, timed against the full model.
