@@ -391,9 +391,8 @@ class Run:
         if self.master:
             save_checkpoint(self.path, self.model, tokenizer=self.tok.state_dict(),
                             step=self.step, losses=self.losses, seconds=self.seconds,
-                            train=asdict(self.tcfg),
-                            optimizer=self.optimizer.state_dict(), plugins=sorted(self.plugins),
-                            **(extra or {}))
+                            train=asdict(self.tcfg), optimizer=self.optimizer.state_dict(),
+                            plugins=sorted(self.plugins), **(extra or {}))
         self.saved_at = self.step
 
     def saved(self) -> str:  # what Ctrl-C leaves, and how to go on
