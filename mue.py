@@ -312,7 +312,9 @@ class MuE(nn.Module):
         with torch.no_grad():  # ask the stem what it makes of an image rather than do the sums
             probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
             _, stem_ch, self.grid, _ = self.stem.eval()(probe).shape  # eval: leave BN stats be
-        self.stem.train()
+        # channels-last: torch's CPU convolutions then take oneDNN's path, not the slow one, at
+        # this size (docs/results.md, "Speed")
+        self.stem.train().to(memory_format=torch.channels_last)
         self.img_proj = nn.Linear(stem_ch, C)
         self.img_row = nn.Parameter(torch.zeros(self.grid, 1, C))  # learned 2-D positions:
         self.img_col = nn.Parameter(torch.zeros(1, self.grid, C))  # row + column embeddings
@@ -380,7 +382,8 @@ class MuE(nn.Module):
             raise ValueError(f"{name} holds token ids outside [0, {self.cfg.vocab_size})")
 
     def embed_image(self, images):  # (B, 3, S, S) -> (B, G*G, C)
-        f = self.stem(images).flatten(2).transpose(1, 2)  # (B, G*G, C_stem)
+        f = self.stem(images.contiguous(memory_format=torch.channels_last))  # (B, C_stem, G, G)
+        f = f.flatten(2).transpose(1, 2)  # (B, G*G, C_stem)
         pos = (self.img_row + self.img_col).flatten(0, 1)  # (G*G, C)
         return self.drop(self.img_proj(f) + pos + self.type_emb.weight[0])
 
