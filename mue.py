@@ -270,10 +270,15 @@ class DecoderLayer(nn.Module):
         entries are written; self_mask (b, 1, n, K): which of the first K positions they see."""
         a = self.ln1(x)
         put(cache, rows, slots, *self.self_attn.project_kv(a))
-        K, rows = self_mask.shape[-1], slice(None) if len(rows) == len(cache[0]) else rows
-        x = x + self.self_attn.attend(a, cache[0][rows, :, :K], cache[1][rows, :, :K], self_mask)
+        K = self_mask.shape[-1]
+        k, v = (take(c[:, :, :K], rows) for c in cache)  # (b, H, K, C/H) each
+        x = x + self.self_attn.attend(a, k, v, self_mask)
         x = x + self.cross_attn.attend(self.ln2(x), *cross_kv, mask=mem_mask)
         return x + self.mlp(self.ln3(x))
+
+
+def take(t, rows):  # t[rows], with no copy while every batch row is still running
+    return t if len(rows) == len(t) else t[rows]
 
 
 def put(cache, rows, slots, k, v):
@@ -619,7 +624,7 @@ class Decoding:
         at = self.first[rows] + s - start  # (b,) where in x each row's predicting token is
         K = int(self.first[rows].max()) + s + 1 if s else n  # cache positions anyone attends to
         self_mask = (torch.arange(K) <= slots[:, :, None])[:, None].to(x.device)  # causal
-        mem_mask = self.mem_mask if len(rows) == len(self.mem_mask) else self.mem_mask[rows]
+        mem_mask = take(self.mem_mask, rows)  # (b, 1, 1, M)
         h, state = x, None  # state: what the signal carries from a layer to the next
         for j, layer in enumerate(decoder):
             if ex.dec_threshold < 1.0:  # else no token ever skips a layer
@@ -670,9 +675,7 @@ class Decoding:
             k, v = self.model.decoder[j].cross_attn.project_kv(self.memory[missing])
             self.cross_kv[j][0][missing], self.cross_kv[j][1][missing] = k, v
             self.have[j][missing] = True
-        if len(rows) == len(self.memory):  # every row runs: no gather
-            return self.cross_kv[j]
-        return self.cross_kv[j][0][rows], self.cross_kv[j][1][rows]
+        return take(self.cross_kv[j][0], rows), take(self.cross_kv[j][1], rows)
 
     def emit(self, rows, logits, s, n_layers):  # rows emit token s, read after n_layers layers
         self.tokens[rows, s], self.layers[rows, s] = logits.argmax(-1), n_layers
