@@ -1010,7 +1010,8 @@ def spread(paths) -> str:
     lines = [f"{'task':8s} {'figure':31s} " + " ".join(f"{n[-9:]:>9s}" for n in names) + "  range"]
     for task in dict.fromkeys(t for t, _ in runs[0]):
         for row, figure, key, scale in HEADLINES:
-            values = [scale * (r.get((task, row), {}).get(key) or math.nan) for r in runs]
+            got = [r.get((task, row), {}).get(key) for r in runs]  # 0.0 is a figure, None not
+            values = [math.nan if v is None else scale * v for v in got]
             known = [v for v in values if not math.isnan(v)]  # untimed runs have no speedups
             span = f"{min(known):.2f} - {max(known):.2f}" if known else "-"
             lines.append(f"{task:8s} {figure:31s} " + " ".join(f"{v:9.2f}" for v in values)

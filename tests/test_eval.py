@@ -671,7 +671,7 @@ def test_spread_puts_the_headlines_of_several_runs_side_by_side(tmp_path, capsys
     for seed, (kept, b1) in enumerate([(0.99, 1.5), (1.0, None), (0.995, 2.0)]):
         rows = [{"task": "ve", "name": "full", "quality": 90.0 + seed},
                 {"task": "ve", "name": "MuE", "quality": 89.0, "retention": kept,
-                 "layer_reduction": 0.5, "flop_reduction": 0.4, "dec_layers": 1.5,
+                 "layer_reduction": 0.5 * seed, "flop_reduction": 0.4, "dec_layers": 1.5,
                  "speedup_b1": b1, "speedup_b32": None}]
         (tmp_path / f"seed{seed}").mkdir()
         (tmp_path / f"seed{seed}" / "report.json").write_text(json.dumps({"rows": rows}))
@@ -680,6 +680,7 @@ def test_spread_puts_the_headlines_of_several_runs_side_by_side(tmp_path, capsys
     assert lines[0].split()[2:] == ["seed0", "seed1", "seed2", "range"]
     assert lines[1].split()[-3:] == ["90.00", "-", "92.00"] and "MuE kept %" in lines[2]
     assert lines[2].endswith("99.00 - 100.00") and lines[6].endswith("1.50 - 2.00")
+    assert lines[3].split()[-6:] == ["0.00", "50.00", "100.00", "0.00", "-", "100.00"]  # no exit
     assert lines[7].endswith("nan  -")  # untimed everywhere
     assert ev.main(["--spread", str(tmp_path / "missing.json")]) == 1
     assert "eval.py: error: --spread:" in capsys.readouterr().err
