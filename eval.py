@@ -307,13 +307,14 @@ def upper_bound(losses: list[float], delta: float) -> float:
 
 
 def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]]:
-    """Per knob, candidate ExitConfig fields, most conservative first, from the signals at the
-    positions that can exit: the encoder's layers but the last, the decoder's at the positions
-    generate decides (VE: the answer alone). Decomposed: img, txt and dec apart; joint fusion
-    exits only when both modalities agree, so img and txt move together as one knob."""
+    """Per knob, candidate ExitConfig fields, most conservative first: quantiles of every tuning
+    sample's signals (whatever the batch size) at the positions that can exit: the encoder's
+    layers but the last, the decoder's at the positions generate decides (VE: the answer alone).
+    Decomposed: img, txt and dec apart; joint fusion exits only when both modalities agree, so
+    img and txt move together as one knob."""
     L_enc, L_dec = model.cfg.n_enc_layers, model.cfg.n_dec_layers
     sig = {"img": [], "txt": [], "dec": []}
-    for batch in td.batches[:2]:
+    for batch in td.batches:
         p = model.profile(batch.images, batch.src, batch.tgt_in, base.enc_criterion)
         decided = batch.tgt_mask & (batch.tgt_mask.cumsum(1) <= td.max_new)  # (B, T)
         sig["img"].append(p["img"][:, :L_enc - 1].flatten())
@@ -335,11 +336,12 @@ def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]
     return {k: [c for i, c in enumerate(v) if c not in v[:i]] for k, v in out.items() if v}
 
 
-def calibrate(model, val_set, tok, device, target=0.99, delta=0.05, batch_size=32, n=None,
+def calibrate(model, val_set, tok, device, target=0.99, delta=0.05, batch_size=128, n=None,
               base=None, log=print) -> tuple[dict, dict]:
     """Per task in the first n samples of val_set, the thresholds with the largest saving that
     keep `target` of the full model's quality, as promised above. base carries the signals and
-    the schedule; its thresholds are ignored. -> (task -> ExitConfig, task -> a record)."""
+    the schedule; its thresholds are ignored. batch_size changes only the time (larger: fewer
+    decoding steps in Python). -> (task -> ExitConfig, task -> a record)."""
     check_calibration(target, delta)
     found = {}
     for task, td in prepare(val_set, tok, model.cfg, n, batch_size, device).items():
@@ -892,7 +894,8 @@ def parser():
                    "tasks (default: train.py's test_size, else 500)")
     p.add_argument("--n-val", type=positive, help="val samples for --calibrate (default: "
                    "train.py's val_size, else 300)")
-    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument("--batch-size", type=positive, default=32, help="the comparison's batch "
+                   "(its bN x column)")
     p.add_argument("--n-b1", type=positive, default=16, help="samples timed at batch 1, per task")
     p.add_argument("--repeats", type=positive, default=3, help="timed runs per unit (median)")
     p.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
@@ -1058,7 +1061,7 @@ def evaluate(args, flags, checkpoints, tok, val_set, test_set, base) -> int:
     for path, m, st in checkpoints:
         if args.calibrate:  # each checkpoint gets its own thresholds, stored in it
             found, result["calibration"] = calibrate(m, val_set, tok, args.device, args.target,
-                                                     args.delta, args.batch_size, args.n_val, base)
+                                                     args.delta, n=args.n_val, base=base)
             st["exits"] = {t: asdict(e) for t, e in found.items()}
             st["plugins"] = sorted(set(st.get("plugins") or []) | set(PLUGINS))
             save_checkpoint(path, m, **{k: v for k, v in st.items() if k != "model"})

@@ -455,6 +455,19 @@ def test_joint_fusion_moves_both_encoder_thresholds_together(tok):
     assert set(decomposed) == {"img", "txt", "dec"}
 
 
+def test_candidates_come_from_every_tuning_sample_whatever_the_batch_size(trained, tok):
+    """The quantiles are over all of td's samples: read from the first batches only, they came
+    from 64 samples at batch size 32 and from 256 at 128, and the chosen exits moved with it."""
+    val = ShapesDataset("val", "multi", image_size=32)
+    got = [ev.knobs(trained, ev.prepare(val, tok, trained.cfg, 24, b, "cpu")["caption"],
+                    ExitConfig(), (0.9, 0.7, 0.5, 0.3, 0.1)) for b in (2, 5, 24)]
+    assert got[0].keys() == got[1].keys() == got[2].keys() and got[0]["dec"]
+    for k in got[0]:
+        values = [[v for c in g[k] for v in c.values()] for g in got]
+        assert values[0] == pytest.approx(values[1], abs=2e-6)
+        assert values[0] == pytest.approx(values[2], abs=2e-6)
+
+
 def test_calibration_keeps_every_layer_when_the_full_model_scores_zero(trained, tok,
                                                                         monkeypatch):
     """Nothing to keep a fraction of: without the guard every exit passes and the most drastic
