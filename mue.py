@@ -425,12 +425,9 @@ class MuE(nn.Module):
                     if trace is not None:
                         trace[name].append(s)
                 if can_exit and l < L and done.any():  # a host sync: compaction needs the rows
-                    if done.all():  # the last rows leave together: nothing left to compact
-                        layers[rows] = l
-                        if out is None:
-                            return h_new, layers
-                        out[rows] = h_new
-                        return out, layers
+                    if done.all():  # the last rows leave together: no compaction, the
+                        layers[rows], h = l, h_new  # epilogue below writes them
+                        break
                     out = x.clone() if out is None else out
                     out[rows[done]], layers[rows[done]] = h_new[done], l
                     keep = ~done
@@ -438,7 +435,7 @@ class MuE(nn.Module):
                     mask = None if mask is None else mask[keep]
                     token_masks = [m if m is None else m[keep] for m in token_masks]
             h = h_new
-        if out is None:  # nobody exited early: the states are simply the last layer's
+        if out is None:  # no row left before the others: the states are simply h
             return h, layers
         out[rows] = h
         return out, layers
@@ -643,15 +640,14 @@ class Decoding:
                 logits = self.model.head(now) if signal.head else None  # (b, V)
                 value, state = signal.fn(now, pick(h, at), logits, j + 1, state)
                 done = (value > theta).cpu()  # (b,): one host sync per layer, for the compaction
-                if done.all():  # every row leaves: no gathers
-                    self.emit(rows, self.model.head(now) if logits is None else logits, s, j + 1)
-                    if s + 1 < self.n_new:  # a later step may read the exit states
-                        self.exit_h[rows[:, None], slots] = h_new
-                    return
                 if done.any():
-                    self.emit(rows[done], self.model.head(now[done]) if logits is None
-                              else logits[done], s, j + 1)
-                    self.exit_h[rows[done][:, None], slots[done]] = h_new[done]  # (e, n, C)
+                    e = slice(None) if done.all() else done  # all leave: views, no gathers
+                    self.emit(rows[e], self.model.head(now[e]) if logits is None else logits[e],
+                              s, j + 1)
+                    if s + 1 < self.n_new:  # a later step may read the exit states
+                        self.exit_h[rows[e][:, None], slots[e]] = h_new[e]  # (e, n, C)
+                    if done.all():
+                        return
                     keep = ~done
                     h_new, rows, slots, at = h_new[keep], rows[keep], slots[keep], at[keep]
                     mem_mask, self_mask = mem_mask[keep], self_mask[keep]
