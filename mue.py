@@ -51,6 +51,7 @@ class MuEConfig:
     fusion: str = "decomposed"  # "decomposed": image and text apart (MuE) | "joint": one sequence
     loss_weights: str = "uniform"  # LOSS_WEIGHTS: "uniform" (the paper's) | "linear" | "last"
     enc_depth_sampling: float = 0.0  # beyond the paper: chance a batch stops its encoders early
+    enc_depth_modality: str = "both"  # which encoders it stops: "both" | "text" | "image"
     pad_id: int = 0  # padding token (ignored by attention and by the loss)
     bos_id: int = 1  # first decoder input
     eos_id: int = 2  # ends a generated sequence
@@ -58,6 +59,7 @@ class MuEConfig:
     def __post_init__(self):
         _check_choice("fusion", self.fusion, ("decomposed", "joint"))
         _check_choice("loss_weights", self.loss_weights, LOSS_WEIGHTS, "LOSS_WEIGHTS")
+        _check_choice("enc_depth_modality", self.enc_depth_modality, ("both", "text", "image"))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 1 <= self.resnet_stages <= 4:
@@ -489,12 +491,16 @@ class MuE(nn.Module):
 
     def sample_depths(self) -> tuple:
         """Beyond the paper (LayerSkip-style): with chance enc_depth_sampling a training batch
-        stops the image and the text encoder at depths drawn from 1..L, so that the decoder
-        learns the states an encoder exit hands it. -> (image depth, text depth)"""
+        stops the image and the text encoder (or the one enc_depth_modality names) at depths
+        drawn from 1..L, so that the decoder learns the states an encoder exit hands it.
+        -> (image depth, text depth), None where the encoder runs every layer"""
         p, L = self.cfg.enc_depth_sampling, len(self.encoder)
         if not self.training or p == 0 or torch.rand(()).item() >= p:
             return None, None
-        return tuple(torch.randint(1, L + 1, (2,)).tolist())
+        if self.cfg.enc_depth_modality == "both":
+            return tuple(torch.randint(1, L + 1, (2,)).tolist())
+        depth = int(torch.randint(1, L + 1, ()).item())
+        return (None, depth) if self.cfg.enc_depth_modality == "text" else (depth, None)
 
     # -- generation with exits (Sec. 3.3) --------------------------------------------------------
 

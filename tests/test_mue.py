@@ -572,10 +572,10 @@ def test_gradients_reach_the_stem_and_every_decoder_layer():
     assert model.decoder[0].self_attn.q.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_depth_sampling_reads_each_encoder_at_its_drawn_depth(seed):
+@pytest.mark.parametrize("seed, modality", [(0, "both"), (1, "both"), (2, "text"), (3, "image")])
+def test_depth_sampling_reads_each_encoder_at_its_drawn_depth(seed, modality):
     """The slow path: each modality through its first k layers by hand, then the decoder."""
-    model = make_model(12 + seed, enc_depth_sampling=1.0).train()
+    model = make_model(12 + seed, enc_depth_sampling=1.0, enc_depth_modality=modality).train()
     images, src, tgt_in, targets = teacher_batch(model.cfg, seed=seed)
     torch.manual_seed(seed)
     k_img, k_txt = model.sample_depths()
@@ -600,6 +600,10 @@ def test_depth_sampling_draws_every_depth_in_training_only():
     torch.manual_seed(0)
     drawn = {model.sample_depths() for _ in range(200)}
     assert drawn == {(a, b) for a in range(1, 5) for b in range(1, 5)}
+    for modality, every in (("text", {(None, b) for b in range(1, 5)}),
+                            ("image", {(a, None) for a in range(1, 5)})):
+        one = make_model(16, enc_depth_sampling=1.0, enc_depth_modality=modality).train()
+        assert {one.sample_depths() for _ in range(100)} == every, modality
     assert model.eval().sample_depths() == (None, None)
     assert make_model(16, enc_depth_sampling=0.0).train().sample_depths() == (None, None)
 
@@ -717,6 +721,7 @@ def test_bad_exit_config_names_the_field(kwargs, name):
     (dict(d_model=30, n_heads=4), "n_heads"), (dict(resnet_stages=5), "resnet_stages"),
     (dict(n_dec_layers=0), "n_dec_layers"), (dict(dropout=1.0), "dropout"),
     (dict(enc_depth_sampling=1.5), "enc_depth_sampling"),
+    (dict(enc_depth_modality="audio"), "enc_depth_modality"),
 ])
 def test_bad_model_config_names_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
