@@ -60,6 +60,9 @@ class MuEConfig:
         _check_choice("fusion", self.fusion, ("decomposed", "joint"))
         _check_choice("loss_weights", self.loss_weights, LOSS_WEIGHTS, "LOSS_WEIGHTS")
         _check_choice("enc_depth_modality", self.enc_depth_modality, ("both", "text", "image"))
+        if self.fusion == "joint" and self.enc_depth_modality != "both":  # one sequence, one depth
+            raise ValueError(f"enc_depth_modality={self.enc_depth_modality!r} needs fusion "
+                             f"'decomposed': a joint encoder stops image and text together")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 1 <= self.resnet_stages <= 4:

@@ -722,6 +722,7 @@ def test_bad_exit_config_names_the_field(kwargs, name):
     (dict(n_dec_layers=0), "n_dec_layers"), (dict(dropout=1.0), "dropout"),
     (dict(enc_depth_sampling=1.5), "enc_depth_sampling"),
     (dict(enc_depth_modality="audio"), "enc_depth_modality"),
+    (dict(enc_depth_modality="text", fusion="joint"), "enc_depth_modality='text' needs fusion"),
 ])
 def test_bad_model_config_names_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
