@@ -282,6 +282,16 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.ln3(x))
 
 
+def to_device(t, device):
+    # without waiting: a CPU index into a GPU tensor is copied by a blocking copy, a host sync
+    # each time it indexes (docs/results.md, "One GPU")
+    return t.to(device, non_blocking=True)
+
+
+def indices(mask, device):  # (b,) bool on the host -> the indices of its True entries, on device
+    return to_device(mask.nonzero().squeeze(1), device)
+
+
 def take(t, rows):  # t[rows], with no copy while every batch row is still running
     return t if len(rows) == len(t) else t[rows]
 
@@ -429,13 +439,14 @@ class MuE(nn.Module):
                     done = s > tau if done is None else done & (s > tau)
                     if trace is not None:
                         trace[name].append(s)
-                if can_exit and l < L and done.any():  # a host sync: compaction needs the rows
+                # the layer's one host sync: the compaction needs to know who leaves
+                if can_exit and l < L and (done := done.cpu()).any():
                     if done.all():  # the last rows leave together: no compaction, the
                         layers[rows], h = l, h_new  # epilogue below writes them
                         break
                     out = x.clone() if out is None else out
-                    out[rows[done]], layers[rows[done]] = h_new[done], l
-                    keep = ~done
+                    leave, keep = indices(done, x.device), indices(~done, x.device)
+                    out[rows[leave]], layers[rows[leave]] = h_new[leave], l
                     rows, h_new = rows[keep], h_new[keep]
                     mask = None if mask is None else mask[keep]
                     token_masks = [m if m is None else m[keep] for m in token_masks]
@@ -533,14 +544,15 @@ class MuE(nn.Module):
         x = self.tok_emb(prefix) + self.tgt_pos.weight[:P]  # step 0 reads the prefix: (B, P, C)
         for s in range(S):
             d.step(x, s, ex)
-            cur = d.tokens[d.alive, s]  # (b,) the token each row just generated
-            going = (cur != cfg.eos_id).cpu()  # rows that wrote eos are finished
+            # the step's host sync: rows that wrote eos are finished
+            going = (d.tokens[:, s] != cfg.eos_id).cpu()[d.alive]  # (b,)
             if not going.any():
                 break
-            d.alive, cur = d.alive[going], cur[going]
-            if s + 1 < S:  # the next step reads it
-                pos = (d.first[d.alive] + s + 1).to(images.device)
-                x = (self.tok_emb(cur) + self.tgt_pos(pos))[:, None]  # (b, 1, C)
+            d.alive = d.alive[going]
+            if s + 1 < S:  # the next step reads the token each row just generated
+                rows = to_device(d.alive, images.device)
+                pos = to_device(d.first[d.alive] + s + 1, images.device)
+                x = (self.tok_emb(d.tokens[rows, s]) + self.tgt_pos(pos))[:, None]  # (b, 1, C)
         n = s + 1  # steps taken
         return Generation(d.tokens[:, :n], img_layers, txt_layers, d.layers[:, :n],
                           None if d.logits is None else d.logits[:, :n])
@@ -598,8 +610,9 @@ class Decoding:
     each layer, a row whose signal beats Theta(s) predicts from that layer and leaves the working
     set. A token that left at layer k keeps its exit state; when a later token first reads a
     deeper layer, its keys and values there are computed from that state (CALM's state
-    propagation, on demand: layers no later token reaches cost nothing). Row indices live on the
-    host, with the bookkeeping; torch moves an index to the device where it indexes there."""
+    propagation, on demand: layers no later token reaches cost nothing). The bookkeeping lives
+    on the host (row indices, positions, what is cached), which each layer's exit decision
+    reaches anyway; an index goes to the device once, without waiting, where it indexes there."""
 
     def __init__(self, model, memory, valid, real, n_new, return_logits):
         B, P = real.shape
@@ -628,37 +641,39 @@ class Decoding:
         prefix at s = 0 and its last generated token after. Each row emits token s."""
         decoder, signal = self.model.decoder, DEC_SIGNALS[ex.dec_criterion]
         theta = ex.dec_threshold_at(s, self.n_new)
-        rows, n = self.alive, x.shape[1]
+        rows, n = self.alive, x.shape[1]  # on the host
         start = self.first[rows] + s if s else torch.zeros_like(rows)  # (b,) x's first position
         slots = start[:, None] + torch.arange(n)  # (b, n) positions of x
         at = self.first[rows] + s - start  # (b,) where in x each row's predicting token is
         K = int(self.first[rows].max()) + s + 1 if s else n  # cache positions anyone attends to
-        self_mask = (torch.arange(K) <= slots[:, :, None])[:, None].to(x.device)  # causal
-        mem_mask = take(self.mem_mask, rows)  # (b, 1, 1, M)
+        self_mask = (torch.arange(K) <= slots[:, :, None])[:, None]  # (b, 1, n, K) causal
+        # the same on the device: r, slots, at, self_mask
+        r, slots, at, self_mask = (to_device(t, x.device) for t in (rows, slots, at, self_mask))
+        mem_mask = take(self.mem_mask, r)  # (b, 1, 1, M)
         h, state = x, None  # state: what the signal carries from a layer to the next
         for j, layer in enumerate(decoder):
             if ex.dec_threshold < 1.0:  # else no token ever skips a layer
                 self.propagate(j, rows, s)
-            h_new = layer.step(h, self.caches[j], rows, slots, self_mask, self.cross(j, rows),
+            h_new = layer.step(h, self.caches[j], r, slots, self_mask, self.cross(j, rows, r),
                                mem_mask)  # (b, n, C)
             if j == len(decoder) - 1:  # the last layer predicts for every row still here
-                self.emit(rows, self.model.head(pick(h_new, at)), s, j + 1)
+                self.emit(r, self.model.head(pick(h_new, at)), s, j + 1)
                 return
             if theta < 1.0:
                 now = pick(h_new, at)  # (b, C)
                 logits = self.model.head(now) if signal.head else None  # (b, V)
                 value, state = signal.fn(now, pick(h, at), logits, j + 1, state)
-                done = (value > theta).cpu()  # (b,): one host sync per layer, for the compaction
+                done = (value > theta).cpu()  # (b,): the layer's host sync, for the compaction
                 if done.any():
-                    e = slice(None) if done.all() else done  # all leave: views, no gathers
-                    self.emit(rows[e], self.model.head(now[e]) if logits is None else logits[e],
+                    e = slice(None) if done.all() else indices(done, x.device)  # all: views
+                    self.emit(r[e], self.model.head(now[e]) if logits is None else logits[e],
                               s, j + 1)
                     if s + 1 < self.n_new:  # a later step may read the exit states
-                        self.exit_h[rows[e][:, None], slots[e]] = h_new[e]  # (e, n, C)
+                        self.exit_h[r[e][:, None], slots[e]] = h_new[e]  # (e, n, C)
                     if done.all():
                         return
-                    keep = ~done
-                    h_new, rows, slots, at = h_new[keep], rows[keep], slots[keep], at[keep]
+                    rows, keep = rows[~done], indices(~done, x.device)
+                    h_new, r, slots, at = h_new[keep], r[keep], slots[keep], at[keep]
                     mem_mask, self_mask = mem_mask[keep], self_mask[keep]
                     state = None if state is None else state[keep]
             h = h_new
@@ -672,22 +687,25 @@ class Decoding:
         if s and (top > lo).any():  # step 0 reads the prefix: nothing before it
             pos = torch.arange(int(top.max()))
             r, p = ((pos >= lo[:, None]) & (pos < top[:, None])).nonzero(as_tuple=True)
-            r = rows[r]  # (e,), with p: one per missing (row, position)
+            # (e,) each: one per missing (row, position), on the device
+            r, p = (to_device(t, self.memory.device) for t in (rows[r], p))
             layer = self.model.decoder[j]
             put(self.caches[j], r, p[:, None], *layer.self_kv(self.exit_h[r, p][:, None]))
 
-    def cross(self, j, rows):
-        """Layer j's cross-attention keys and values of the memory, for batch rows `rows`."""
+    def cross(self, j, rows, r):
+        """Layer j's cross-attention keys and values of the memory, for batch rows `rows` (on the
+        host; r: the same on the device)."""
         if self.cross_kv[j] is None:
             B, M, C = self.memory.shape
             shape = (B, self.model.cfg.n_heads, M, C // self.model.cfg.n_heads)
             self.cross_kv[j] = (self.memory.new_empty(shape), self.memory.new_empty(shape))
         missing = rows[~self.have[j][rows]]
         if len(missing):
+            self.have[j][missing] = True
+            missing = to_device(missing, self.memory.device)
             k, v = self.model.decoder[j].cross_attn.project_kv(self.memory[missing])
             self.cross_kv[j][0][missing], self.cross_kv[j][1][missing] = k, v
-            self.have[j][missing] = True
-        return take(self.cross_kv[j][0], rows), take(self.cross_kv[j][1], rows)
+        return take(self.cross_kv[j][0], r), take(self.cross_kv[j][1], r)
 
     def emit(self, rows, logits, s, n_layers):  # rows emit token s, read after n_layers layers
         self.tokens[rows, s], self.layers[rows, s] = logits.argmax(-1), n_layers
@@ -696,7 +714,7 @@ class Decoding:
 
 
 def pick(h, at):  # (b, n, C) -> (b, C): each row's state at its position `at` (b,)
-    return h[:, 0] if h.shape[1] == 1 else h[torch.arange(len(at)), at]
+    return h[:, 0] if h.shape[1] == 1 else h[torch.arange(len(at), device=h.device), at]
 
 
 # -- Checkpoints: the weights, the config and plain data (tokenizer, step, thresholds, the
