@@ -259,8 +259,8 @@ def summarize(name, task, run: Run, full: Run, q_full, depth, ex) -> dict:
 # quality on new samples from the same distribution (independent units: samples that share an
 # image count as one). The val samples are split: a fifth, the tuning units, orders the
 # candidates into a path from safe to daring; the rest tests them along that path in turn
-# (fixed-sequence testing), each test at delta / 2, and the last configuration that passed is
-# chosen; the other delta / 2 pays for a lower bound on the full model's quality. Candidate
+# (fixed-sequence testing), each test at delta, and the last configuration that passed is
+# chosen. Each test asks the promise itself, gains counted against losses (`p_value`). Candidate
 # thresholds are quantiles of the model's own exit signals on the tuning samples (MuE.profile):
 # a fixed grid would mostly land where nothing, or everything, exits. Why these levels:
 # docs/results.md, "Calibration".
@@ -276,34 +276,23 @@ def check_calibration(target, delta):
         raise ValueError(f"--delta must be in (0, 1), got {delta}")
 
 
-def binomial_cdf(k: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) <= k), summed in logs (n may be thousands)."""
-    return sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                        + i * math.log(p) + (n - i) * math.log1p(-p)) for i in range(k + 1))
-
-
-def p_value(losses: list[float], alpha: float) -> float:
-    """A p-value for "E[loss] >= alpha", from i.i.d. losses in [0, 1]: the exact binomial tail
-    when every loss is 0 or 1, else Hoeffding-Bentkus (the bound LTT uses for bounded losses):
-    min(exp(-n kl(mean, alpha)), e P(Binomial(n, alpha) <= ceil(n mean)))."""
-    n, mean = len(losses), statistics.fmean(losses)
-    if mean >= alpha:
-        return 1.0
-    if all(x in (0.0, 1.0) for x in losses):
-        return binomial_cdf(round(n * mean), n, alpha)
-    kl = mean * math.log(mean / alpha) if mean > 0 else 0.0
-    kl += (1 - mean) * math.log((1 - mean) / (1 - alpha))
-    return min(1.0, math.exp(-n * kl), math.e * binomial_cdf(math.ceil(n * mean), n, alpha))
-
-
-def upper_bound(losses: list[float], delta: float) -> float:
-    """The largest expected loss that p_value does not reject at delta: with probability at least
-    1 - delta, E[loss] is below it (bisection; p_value falls as alpha rises)."""
-    lo, hi = statistics.fmean(losses), 1.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if p_value(losses, mid) <= delta else (mid, hi)
-    return hi
+def p_value(z: list[float], delta: float) -> float:
+    """A p-value for "E[z] >= 0" from i.i.d. z in [-1, 1], by testing by betting (Waudby-Smith
+    and Ramdas 2024, their predictable plug-in bet). A gambler starts with wealth 1 and bets
+    against the hypothesis on each z in turn: wealth *= 1 - lam z, lam in [0, 0.75] chosen from
+    the z before it. Where the hypothesis holds, the wealth is a nonnegative supermartingale, so
+    it ever reaches 1/p with chance at most p (Ville's inequality): 1 / the largest wealth is a
+    p-value. The bets grow as z varies less, so gains and losses that nearly cancel can still be
+    certified, which a bound for the worst variance cannot do. delta: the level the bets aim at."""
+    n, wealth, best, mean, ss, k = len(z), 1.0, 1.0, 0.0, 1.0, 1  # a prior point: 0, variance 1
+    for x in z:
+        lam = min(0.75, math.sqrt(2 * math.log(1 / delta) * k / (n * ss)))  # ss / k: variance
+        wealth *= 1 - lam * x
+        best = max(best, wealth)
+        k += 1
+        mean += (x - mean) / k
+        ss += (x - mean) ** 2
+    return min(1.0, 1 / best)
 
 
 def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]]:
@@ -377,13 +366,11 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
 
     def unit_means(values):  # per unit (samples that share an image), in [0, 1]
         return [statistics.fmean(values[i] for i in u) / q_max for u in units]
-    # with probability 1 - delta / 2 the full model's expected quality is at least `floor`
-    floor = 1 - upper_bound([1 - x for x in unit_means(q_test)], delta / 2)
+    full = unit_means(q_test)
     record = {"procedure": "Learn then Test, fixed-sequence along a path ordered on tuning "
-              "samples; binomial or Hoeffding-Bentkus p-values", "delta": delta,
-              "target": target, "samples": {"tuning": len(tune.samples),
-                                            "testing": len(test.samples)},
-              "units": len(units), "full_quality_floor": q_max * floor}
+              "samples; p-values by betting", "delta": delta, "target": target,
+              "samples": {"tuning": len(tune.samples), "testing": len(test.samples)},
+              "units": len(units)}
     if statistics.fmean(q_tune + q_test) <= 0:  # nothing to keep a share of
         log(f"calibrate {task} | warning: the full model scores 0 on "
             f"{len(tune.samples) + len(test.samples)} val samples: the task was not learned, so "
@@ -393,8 +380,9 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
     tried, chosen, passed = runs[0] - 2, {}, 0
     for fields_ in path:  # fixed-sequence testing: stop at the first configuration that fails
         q, macs = run(test, fields_)
-        losses = unit_means([max(0.0, a - b) for a, b in zip(q_test, q, strict=True)])
-        if p_value(losses, (1 - target) * floor) > delta / 2:
+        # the promise E[exits] >= target E[full] is E[z] <= 0: reject E[z] >= 0 to pass
+        z = [target * a - b for a, b in zip(full, unit_means(q), strict=True)]
+        if p_value(z, delta) > delta:
             break
         chosen, passed, saving = fields_, passed + 1, 1 - macs / m_test
     ex = replace(base, **{**never, **chosen})

@@ -308,28 +308,48 @@ def test_ve_is_decided_by_one_decoder_pass_as_the_authors_score_it(trained, tok)
     assert any(len(d) > 1 for d in cap.dec)
 
 
-def test_the_bound_of_one_candidate_is_exact():
-    """Nothing changed on 50 samples: at delta 0.05 the expected loss is below 1 - 0.05^(1/50),
-    the one-sided Clopper-Pearson bound, so a model that matches the full one keeps 94.18%."""
-    assert ev.upper_bound([0.0] * 50, 0.05) == pytest.approx(1 - 0.05 ** (1 / 50), abs=1e-9)
-    assert 1 - ev.upper_bound([0.0] * 50, 0.05) == pytest.approx(0.9418, abs=1e-4)
-    # one changed answer in 500 against a 1% level: the binomial tail P(Bin(500, 0.01) <= 1)
-    assert ev.p_value([0.0] * 499 + [1.0], 0.01) == pytest.approx(
-        0.99 ** 500 + 500 * 0.01 * 0.99 ** 499, rel=1e-9)
-    # losses between 0 and 1: Hoeffding-Bentkus, min(exp(-n kl), e * binomial tail)
-    losses = [0.0] * 990 + [0.5] * 10
-    kl = 0.005 * math.log(0.005 / 0.02) + 0.995 * math.log(0.995 / 0.98)
-    assert ev.p_value(losses, 0.02) == pytest.approx(min(
-        math.exp(-1000 * kl), math.e * ev.binomial_cdf(5, 1000, 0.02)), rel=1e-9)
-    assert ev.p_value(losses, 0.004) == 1.0  # the observed loss is above the level
+@pytest.mark.parametrize("world", [
+    [(-0.01, 0.975), (0.99, 0.01), (-1.0, 0.002), (0.0, 0.013)],  # VE: right, lost, gained, wrong
+    [(-0.02, 0.98), (0.98, 0.02)],  # rare large losses
+    [(x / 10 + 0.05, 0.1) for x in range(-5, 5)]])  # spread evenly
+def test_the_betting_p_value_holds_its_level(world):
+    """At the edge of the hypothesis, E[z] = 0 exactly (mass moved between the first two values
+    centres a world), p <= delta in at most delta of 400 draws of 1600 units, within three Monte
+    Carlo standard errors."""
+    values, probs = map(list, zip(*world, strict=True))
+    shift = np.dot(values, probs) / (values[1] - values[0])
+    probs[0], probs[1] = probs[0] + shift, probs[1] - shift
+    assert abs(np.dot(values, probs)) < 1e-12 and abs(sum(probs) - 1) < 1e-12
+    rng = np.random.default_rng(0)
+    rejected = sum(ev.p_value(list(rng.choice(values, 1600, p=probs)), 0.05) <= 0.05
+                   for _ in range(400))
+    assert rejected <= 0.05 * 400 + 3 * math.sqrt(400 * 0.05 * 0.95), rejected
+
+
+def test_the_betting_p_value_certifies_what_it_should():
+    """Nothing changed on 1600 VE units (1.3% of them wrong for the full model too) passes at
+    target 99%, delta 0.05; on 300 units it cannot (the bets cannot grow fast enough). Gains
+    offset losses: 12 answers lost and 12 gained pass, 12 lost alone do not (one-sided, 0.75% of
+    the units lost), and 30 lost with 30 gained fail only when the gains go."""
+    def z(n, lost=0, gained=0, wrong=0.013):  # target 0.99: z = 0.99 full - exits, per unit
+        n_wrong = round(wrong * n)
+        units = [-0.01] * (n - n_wrong - lost) + [0.99] * lost + [0.0] * (n_wrong - gained) \
+            + [-1.0] * gained
+        return list(np.random.default_rng(1).permutation(units))
+    assert ev.p_value(z(1600), 0.05) <= 0.05
+    assert ev.p_value(z(300), 0.05) > 0.05
+    assert ev.p_value(z(1600, lost=12, gained=12), 0.05) <= 0.05
+    assert ev.p_value(z(1600, lost=12), 0.05) > 0.05
+    assert ev.p_value(z(1600, lost=30, gained=30), 0.05) <= 0.05 < ev.p_value(z(1600, 30), 0.05)
+    assert ev.p_value([0.5] * 1600, 0.05) == 1.0  # every bet lost: no evidence at all
 
 
 class Stub:
     """Validation answers of a known world, for calibrate_task without a model: sample i is a
-    full-model success unless full_wrong[i], and configuration c breaks it when breaks(c, i)."""
+    full-model success unless full_wrong[i], and configuration c flips it when flips(c, i)."""
 
-    def __init__(self, monkeypatch, n, full_wrong, breaks, cands, saving):
-        self.full_wrong, self.breaks, self.saving = full_wrong, breaks, saving
+    def __init__(self, monkeypatch, n, full_wrong, flips, cands, saving):
+        self.full_wrong, self.flips, self.saving = full_wrong, flips, saving
         monkeypatch.setattr(ev, "run_configs", self.run_configs)
         monkeypatch.setattr(ev, "knobs", lambda model, td, base, levels: cands)
         monkeypatch.setattr(ev, "quality", lambda task, preds, refs, per_sample: {
@@ -343,7 +363,7 @@ class Stub:
         (_, _, ex), idx = configs[0], units[0]
         fields = {} if ex is None else {f: getattr(ex, f) for f in ev.KNOB_FIELDS.values()
                                         if getattr(ex, f) < 1}
-        wrong = self.full_wrong[idx] | self.breaks(fields, idx)
+        wrong = self.full_wrong[idx] ^ self.flips(fields, idx)
         return [ev.Run(preds=list(np.where(wrong, 0.0, 100.0)), refs=[None] * len(idx),
                        macs=[100.0 - self.saving(fields)] * len(idx))]
 
@@ -380,38 +400,46 @@ def test_calibration_walks_the_safest_step_first_and_stops_at_the_first_failure(
     assert small.calibrate()[0] == ExitConfig()
 
 
-def test_the_promise_holds_over_many_validation_draws(monkeypatch):
-    """What the promise says, simulated: answers drawn from a known world in which a
-    configuration keeps prod_k (1 - p_k) of the full model's accuracy, p_k the share of answers
-    its knob k breaks (independently across knobs), and several nested candidates per knob, some
-    of them truly below 99%. Over 300 draws of 500 validation samples through the real search,
-    the chosen configuration is truly below the target in at most delta of the draws, within a
-    Monte Carlo margin of three standard errors (at 5%, 300 draws: 26 or fewer), and exits are
-    chosen in most draws. The old search (a normal bound on the paired mean, z = 1.645) went below
-    99% in 92 of these 300 draws: docs/results.md, "Calibration"."""
-    levels = [0.001, 0.003, 0.006, 0.009, 0.013, 0.02]  # p_k, candidate by candidate
-    cands = {k: [{f"{k}_threshold": 0.9 - 0.1 * c} for c in range(len(levels))]
-             for k in ("img", "txt", "dec")}
+@pytest.mark.parametrize("gains", [False, True])
+def test_the_promise_holds_over_many_validation_draws(monkeypatch, gains):
+    """What the promise says, simulated: 2000 validation samples (train.py's default) drawn from
+    a known world, through the real search, 300 draws. Each knob has six nested candidates; the
+    k-th breaks a share p_k of the answers the full model gets right, independently across knobs,
+    and with gains it also mends a share g_k of those the full model gets wrong, so that some
+    configurations lose answers but keep 99% net. The chosen configuration is truly below 99% of
+    the full model's accuracy in at most delta of the draws, within three Monte Carlo standard
+    errors (at 5%, 300 draws: 26 or fewer), and exits are chosen in most draws. The search before
+    risk control went below 99% in 92 of 300 such draws of 500 samples: docs/results.md,
+    "Calibration"."""
+    p = [0.002, 0.006, 0.012, 0.02, 0.03, 0.04] if gains else [0.001, 0.003, 0.006, 0.009, 0.013,
+                                                              0.02]
+    g = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5] if gains else [0.0] * 6
+    acc = 0.97 if gains else 0.996  # the full model's accuracy
+    knobs = ("img", "txt", "dec")
+    cands = {k: [{f"{k}_threshold": 0.9 - 0.1 * c} for c in range(6)] for k in knobs}
 
-    def share(fields, knob):
+    def share(fields, knob, levels):
         v = fields.get(f"{knob}_threshold")
         return 0.0 if v is None else levels[round((0.9 - v) / 0.1)]
 
-    rng, below, chosen, n = np.random.default_rng(0), 0, 0, 500
+    rng, below, chosen, n = np.random.default_rng(0), 0, 0, 2000
     for _ in range(300):
-        fragile = rng.random((3, n))  # answer i breaks under knob k when fragile[k, i] < p_k
-        full_wrong = rng.random(n) < 0.004
+        fragile = rng.random((3, n))  # knob k flips answer i when fragile[k, i] < its share
+        full_wrong = rng.random(n) > acc
 
-        def breaks(fields, idx, fragile=fragile):
-            return np.any([fragile[k, idx] < share(fields, knob)
-                           for k, knob in enumerate(("img", "txt", "dec"))], axis=0)
-        stub = Stub(monkeypatch, n, full_wrong, breaks, cands,
+        def flips(fields, idx, fragile=fragile, full_wrong=full_wrong):
+            hit = [fragile[k, idx] < np.where(full_wrong[idx], share(fields, knob, g),
+                                              share(fields, knob, p))
+                   for k, knob in enumerate(knobs)]
+            return np.any(hit, axis=0)
+        stub = Stub(monkeypatch, n, full_wrong, flips, cands,
                     lambda fields: sum(10 * (1 + c) for c in map(
                         lambda v: round((0.9 - v) / 0.1), fields.values())))
         ex, _ = stub.calibrate()
         fields = {f: getattr(ex, f) for f in ev.KNOB_FIELDS.values() if getattr(ex, f) < 1}
-        kept = math.prod(1 - share(fields, knob) for knob in ("img", "txt", "dec"))
-        below, chosen = below + (kept < 0.99), chosen + bool(fields)
+        right = acc * math.prod(1 - share(fields, k, p) for k in knobs)
+        mended = (1 - acc) * (1 - math.prod(1 - share(fields, k, g) for k in knobs))
+        below, chosen = below + ((right + mended) / acc < 0.99), chosen + bool(fields)
     assert below <= 0.05 * 300 + 3 * math.sqrt(300 * 0.05 * 0.95), below
     assert chosen >= 150, chosen  # the search does pick exits: the check has teeth
 
