@@ -376,7 +376,7 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
             f"{len(tune.samples) + len(test.samples)} val samples: the task was not learned, so "
             f"nothing can be calibrated; every layer runs")
         return replace(base, **never), {**record, "tried": 0, "tested": 0, "passed": 0}
-    path = walk(knobs(model, tune, base, LEVELS), lambda f: run(tune, f), q_tune, m_tune, target)
+    path = walk(knobs(model, tune, base, LEVELS), lambda f: run(tune, f), q_tune, m_tune)
     tried, chosen, passed = runs[0] - 2, {}, 0
     for fields_ in path:  # fixed-sequence testing: stop at the first configuration that fails
         q, macs = run(test, fields_)
@@ -396,12 +396,12 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
     return ex, {**record, "tried": tried, "tested": min(passed + 1, len(path)), "passed": passed}
 
 
-def walk(cands: dict[str, list[dict]], trial, q_full, m_full, target) -> list[dict]:
+def walk(cands: dict[str, list[dict]], trial, q_full, m_full) -> list[dict]:
     """The path, from the tuning samples: each knob's candidates tried alone, then one knob
     one candidate further at a time, the step that loses least quality there (then saves most
-    FLOPs), while the losses of the steps taken, added up, keep `target` of the full model's
-    quality. A step saving under a point of the FLOPs more than the last one kept is passed
-    over, to test fewer. -> the joint configurations along it, safest first."""
+    FLOPs), to every knob's last candidate; testing stops at the first failure anyway. A step
+    saving under a point of the FLOPs more than the last one kept is passed over, to test
+    fewer. -> the joint configurations along it, safest first."""
     full = statistics.fmean(q_full)
     alone = {}  # knob -> [(quality lost, FLOPs saved)] of its candidates, each alone
     for k, cs in cands.items():
@@ -411,13 +411,10 @@ def walk(cands: dict[str, list[dict]], trial, q_full, m_full, target) -> list[di
         before = alone[k][i - 1] if i else (0.0, 0.0)
         return alone[k][i][0] - before[0], before[1] - alone[k][i][1], k
 
-    pick, lost, path, saved = {}, 0.0, [], 0.0  # pick: knob -> its candidate on the path
+    pick, path, saved = {}, [], 0.0  # pick: knob -> its candidate on the path
     while steps := [step(k, pick.get(k, -1) + 1) for k in cands
                     if pick.get(k, -1) + 1 < len(cands[k])]:
-        loss, _, k = min(steps)
-        lost += loss
-        if lost > (1 - target) * full:
-            break
+        k = min(steps)[2]
         pick[k] = pick.get(k, -1) + 1
         if (now := sum(alone[j][i][1] for j, i in pick.items())) >= saved + 0.01 * m_full:
             saved = now
