@@ -672,7 +672,7 @@ class Decoding:
                         self.exit_h[r[e][:, None], slots[e]] = h_new[e]  # (e, n, C)
                     if done.all():
                         return
-                    rows, keep = rows[~done], indices(~done, x.device)
+                    rows, keep = rows[~done], indices(~done, x.device)  # host, device
                     h_new, r, slots, at = h_new[keep], r[keep], slots[keep], at[keep]
                     mem_mask, self_mask = mem_mask[keep], self_mask[keep]
                     state = None if state is None else state[keep]

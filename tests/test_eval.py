@@ -411,10 +411,11 @@ def test_the_promise_holds_over_many_validation_draws(monkeypatch, gains):
     errors (at 5%, 300 draws: 26 or fewer), and exits are chosen in most draws. The search before
     risk control went below 99% in 92 of 300 such draws of 500 samples: docs/results.md,
     "Calibration"."""
-    p = [0.002, 0.006, 0.012, 0.02, 0.03, 0.04] if gains else [0.001, 0.003, 0.006, 0.009, 0.013,
-                                                              0.02]
-    g = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5] if gains else [0.0] * 6
-    acc = 0.97 if gains else 0.996  # the full model's accuracy
+    # per candidate: p, the share broken; g, the share mended; acc: the full model's accuracy
+    if gains:
+        p, g, acc = [0.002, 0.006, 0.012, 0.02, 0.03, 0.04], [0.05, 0.1, 0.2, 0.3, 0.4, 0.5], 0.97
+    else:
+        p, g, acc = [0.001, 0.003, 0.006, 0.009, 0.013, 0.02], [0.0] * 6, 0.996
     knobs = ("img", "txt", "dec")
     cands = {k: [{f"{k}_threshold": 0.9 - 0.1 * c} for c in range(6)] for k in knobs}
 
