@@ -51,7 +51,7 @@ class MuEConfig:
     fusion: str = "decomposed"  # "decomposed": image and text apart (MuE) | "joint": one sequence
     loss_weights: str = "uniform"  # LOSS_WEIGHTS: "uniform" (the paper's) | "linear" | "last"
     enc_depth_sampling: float = 0.0  # beyond the paper: chance a batch stops its encoders early
-    enc_depth_modality: str = "both"  # which encoders it stops: "both" | "text" | "image"
+    enc_depth_modality: str = "both"  # "both" (at once) | "each" (own draws) | "text" | "image"
     pad_id: int = 0  # padding token (ignored by attention and by the loss)
     bos_id: int = 1  # first decoder input
     eos_id: int = 2  # ends a generated sequence
@@ -59,8 +59,9 @@ class MuEConfig:
     def __post_init__(self):
         _check_choice("fusion", self.fusion, ("decomposed", "joint"))
         _check_choice("loss_weights", self.loss_weights, LOSS_WEIGHTS, "LOSS_WEIGHTS")
-        _check_choice("enc_depth_modality", self.enc_depth_modality, ("both", "text", "image"))
-        if self.fusion == "joint" and self.enc_depth_modality != "both":  # one sequence, one depth
+        _check_choice("enc_depth_modality", self.enc_depth_modality,
+                      ("both", "text", "image", "each"))
+        if self.fusion == "joint" and self.enc_depth_modality in ("text", "image"):  # one depth
             raise ValueError(f"enc_depth_modality={self.enc_depth_modality!r} needs fusion "
                              f"'decomposed': a joint encoder stops image and text together")
         if self.d_model % self.n_heads:
@@ -506,15 +507,21 @@ class MuE(nn.Module):
     def sample_depths(self) -> tuple:
         """Beyond the paper (LayerSkip-style): with chance enc_depth_sampling a training batch
         stops the image and the text encoder (or the one enc_depth_modality names) at depths
-        drawn from 1..L, so that the decoder learns the states an encoder exit hands it.
+        drawn from 1..L, so that the decoder learns the states an encoder exit hands it; "each"
+        draws for each encoder on its own, with chance enc_depth_sampling each.
         -> (image depth, text depth), None where the encoder runs every layer"""
-        p, L = self.cfg.enc_depth_sampling, len(self.encoder)
-        if not self.training or p == 0 or torch.rand(()).item() >= p:
+        p, L, modality = self.cfg.enc_depth_sampling, len(self.encoder), self.cfg.enc_depth_modality
+        if not self.training or p == 0:
             return None, None
-        if self.cfg.enc_depth_modality == "both":
+        if modality == "each":
+            return tuple(int(torch.randint(1, L + 1, ()).item()) if torch.rand(()).item() < p
+                         else None for _ in range(2))
+        if torch.rand(()).item() >= p:
+            return None, None
+        if modality == "both":
             return tuple(torch.randint(1, L + 1, (2,)).tolist())
         depth = int(torch.randint(1, L + 1, ()).item())
-        return (None, depth) if self.cfg.enc_depth_modality == "text" else (depth, None)
+        return (None, depth) if modality == "text" else (depth, None)
 
     # -- generation with exits (Sec. 3.3) --------------------------------------------------------
 

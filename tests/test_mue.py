@@ -572,7 +572,8 @@ def test_gradients_reach_the_stem_and_every_decoder_layer():
     assert model.decoder[0].self_attn.q.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("seed, modality", [(0, "both"), (1, "both"), (2, "text"), (3, "image")])
+@pytest.mark.parametrize("seed, modality", [(0, "both"), (1, "both"), (2, "text"), (3, "image"),
+                                            (4, "each"), (5, "each")])
 def test_depth_sampling_reads_each_encoder_at_its_drawn_depth(seed, modality):
     """The slow path: each modality through its first k layers by hand, then the decoder."""
     model = make_model(12 + seed, enc_depth_sampling=1.0, enc_depth_modality=modality).train()
@@ -601,9 +602,16 @@ def test_depth_sampling_draws_every_depth_in_training_only():
     drawn = {model.sample_depths() for _ in range(200)}
     assert drawn == {(a, b) for a in range(1, 5) for b in range(1, 5)}
     for modality, every in (("text", {(None, b) for b in range(1, 5)}),
-                            ("image", {(a, None) for a in range(1, 5)})):
+                            ("image", {(a, None) for a in range(1, 5)}),
+                            ("each", drawn)):  # at chance 1 each encoder is always stopped
         one = make_model(16, enc_depth_sampling=1.0, enc_depth_modality=modality).train()
         assert {one.sample_depths() for _ in range(100)} == every, modality
+    each = make_model(16, enc_depth_sampling=0.5, enc_depth_modality="each").train()
+    halves = [each.sample_depths() for _ in range(2000)]  # each encoder on its own coin
+    assert {(a is None, b is None) for a, b in halves} == {(True, True), (True, False),
+                                                           (False, True), (False, False)}
+    for k in range(2):
+        assert 900 < sum(d[k] is None for d in halves) < 1100, k
     assert model.eval().sample_depths() == (None, None)
     assert make_model(16, enc_depth_sampling=0.0).train().sample_depths() == (None, None)
 
