@@ -50,8 +50,8 @@ class MuEConfig:
     max_tgt_len: int = 32  # longest decoder input: bos, prefix and target (eos scored after it)
     fusion: str = "decomposed"  # "decomposed": image and text apart (MuE) | "joint": one sequence
     loss_weights: str = "uniform"  # LOSS_WEIGHTS: "uniform" (the paper's) | "linear" | "last"
-    enc_depth_sampling: float = 0.0  # beyond the paper: chance a batch stops its encoders early
-    enc_depth_modality: str = "both"  # "both" (at once) | "each" (own draws) | "text" | "image"
+    enc_depth_sampling: float = 0.5  # beyond the paper (0 = the paper's): chance of an early stop
+    enc_depth_modality: str = "each"  # "each" (own draws) | "both" (at once) | "text" | "image"
     pad_id: int = 0  # padding token (ignored by attention and by the loss)
     bos_id: int = 1  # first decoder input
     eos_id: int = 2  # ends a generated sequence

@@ -347,6 +347,9 @@ def train(mcfg: MuEConfig, tcfg: TrainConfig, given=frozenset()):
         print(f"MuE {n_params / 1e6:.2f}M parameters | {mcfg.n_enc_layers}+{mcfg.n_dec_layers} "
               f"layers, d={mcfg.d_model} | {tcfg.data}/{tcfg.task} | {world} x {device} | "
               f"steps {run.step}->{tcfg.steps}, batch {tcfg.batch_size}, {workers} data workers")
+        if mcfg.enc_depth_sampling > 0:  # a recipe beyond the paper says so where it starts
+            print(f"encoder depth sampling {mcfg.enc_depth_sampling} ({mcfg.enc_depth_modality}), "
+                  f"beyond the paper: --enc-depth-sampling 0 trains the paper's recipe")
     try:
         run.fit(net, batches, device, rank, world)
     except KeyboardInterrupt:  # the checkpoint on disk is whole (written atomically): say so
