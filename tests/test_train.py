@@ -174,11 +174,19 @@ def ctrl_c_at(monkeypatch, n):
     monkeypatch.setattr(mue.MuE, "forward", forward)
 
 
+def test_only_a_recipe_beyond_the_paper_says_so(tmp_path, capsys):
+    assert run(tmp_path / "paper", "--steps", "1", "--enc-depth-sampling", "0") == 0
+    assert "beyond the paper" not in capsys.readouterr().out
+    assert run(tmp_path / "text", "--steps", "1", "--enc-depth-modality", "text") == 0
+    assert "encoder depth sampling 0.5 (text), beyond the paper" in capsys.readouterr().out
+
+
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, capsys):
     assert run(tmp_path / "straight", "--steps", "6", "--ckpt-every", "3") == 0
     straight = saved(tmp_path / "straight")
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "preset cpu (--preset)" and printed[2].startswith("step 1/6 |")
+    assert printed[0] == "preset cpu (--preset)" and printed[3].startswith("step 1/6 |")
+    assert printed[2].startswith("encoder depth sampling 0.5 (each), beyond the paper")
 
     with monkeypatch.context() as m:  # Ctrl-C in step 4, after the step-3 checkpoint
         ctrl_c_at(m, 4)
