@@ -751,6 +751,11 @@ def save_checkpoint(path, model: MuE, **extra):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+# Checkpoints written before a MuEConfig field existed were trained as these values train: a
+# file from before 24ff36b sampled both encoders at once, one from before 8dd8edd none.
+OLDER_FILES = {"enc_depth_sampling": 0.0, "enc_depth_modality": "both"}
+
+
 def load_checkpoint(path, device="cpu"):
     """-> (model in eval mode, the checkpoint dict). ValueError says what is wrong with the file."""
     if os.path.isdir(path):
@@ -771,8 +776,8 @@ def load_checkpoint(path, device="cpu"):
     if not set(state["config"]) <= known:
         raise ValueError(f"checkpoint {path!r} has config fields this MuEConfig does not know: "
                          f"{sorted(set(state['config']) - known)}")
-    try:
-        cfg = MuEConfig(**{**state["config"], "resnet_weights": ""})  # the weights are in the file
+    try:  # the stem's weights are in the file; a field newer than the file: OLDER_FILES
+        cfg = MuEConfig(**{**OLDER_FILES, **state["config"], "resnet_weights": ""})
     except ValueError as e:  # loss weights of a plugin not loaded here, most likely
         raise ValueError(f"checkpoint {path!r}: {e}{made_with(state)}") from None
     model = MuE(cfg).to(device)

@@ -672,6 +672,23 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         load_checkpoint(tmp_path / "new.pt")
 
 
+def test_a_checkpoint_older_than_a_field_loads_as_it_was_trained(tmp_path):
+    """Files from before --enc-depth-modality sampled both encoders at once, and files from
+    before --enc-depth-sampling sampled none: resuming them must not switch to today's default."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, make_model(13, enc_depth_sampling=0.3, enc_depth_modality="each"))
+    state = torch.load(path, weights_only=True)
+    config = {k: v for k, v in state["config"].items() if k != "enc_depth_modality"}
+    torch.save({**state, "config": config}, tmp_path / "before_modality.pt")
+    cfg = load_checkpoint(tmp_path / "before_modality.pt")[0].cfg
+    assert (cfg.enc_depth_sampling, cfg.enc_depth_modality) == (0.3, "both")
+    del config["enc_depth_sampling"]
+    torch.save({**state, "config": config}, tmp_path / "before_sampling.pt")
+    assert load_checkpoint(tmp_path / "before_sampling.pt")[0].cfg.enc_depth_sampling == 0.0
+    cfg = load_checkpoint(path)[0].cfg  # a file that has the fields keeps them
+    assert (cfg.enc_depth_sampling, cfg.enc_depth_modality) == (0.3, "each")
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 
