@@ -505,10 +505,11 @@ class MuE(nn.Module):
         return (self.head(x) if logits is None else logits), loss
 
     def sample_depths(self) -> tuple:
-        """Beyond the paper (LayerSkip-style): with chance enc_depth_sampling a training batch
-        stops the image and the text encoder (or the one enc_depth_modality names) at depths
-        drawn from 1..L, so that the decoder learns the states an encoder exit hands it; "each"
-        draws for each encoder on its own, with chance enc_depth_sampling each.
+        """Beyond the paper (LayerSkip-style): a training batch stops its encoders at depths
+        drawn from 1..L, so that the decoder learns the states an encoder exit hands it. With
+        enc_depth_modality "each" every encoder stops on its own draw, with chance
+        enc_depth_sampling (why: docs/results.md, "Encoder depth sampling"); with "both" a batch
+        stops the two at once, with "text" or "image" that one alone, with that chance.
         -> (image depth, text depth), None where the encoder runs every layer"""
         p, L, modality = self.cfg.enc_depth_sampling, len(self.encoder), self.cfg.enc_depth_modality
         if not self.training or p == 0:
