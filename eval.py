@@ -325,12 +325,13 @@ def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]
     return {k: [c for i, c in enumerate(v) if c not in v[:i]] for k, v in out.items() if v}
 
 
-def calibrate(model, val_set, tok, device, target=0.99, delta=0.05, batch_size=128, n=None,
+def calibrate(model, val_set, tok, device, target=0.99, delta=0.05, batch_size=512, n=None,
               base=None, log=print) -> tuple[dict, dict]:
     """Per task in the first n samples of val_set, the thresholds with the largest saving that
     keep `target` of the full model's quality, as promised above. base carries the signals and
     the schedule; its thresholds are ignored. batch_size changes only the time (larger: fewer
-    decoding steps in Python). -> (task -> ExitConfig, task -> a record)."""
+    decoding steps in Python; why 512: docs/results.md, "Calibration").
+    -> (task -> ExitConfig, task -> a record)."""
     check_calibration(target, delta)
     found = {}
     for task, td in prepare(val_set, tok, model.cfg, n, batch_size, device).items():
