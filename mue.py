@@ -512,17 +512,19 @@ class MuE(nn.Module):
         stops the two at once, with "text" or "image" that one alone, with that chance.
         -> (image depth, text depth), None where the encoder runs every layer"""
         p, L, modality = self.cfg.enc_depth_sampling, len(self.encoder), self.cfg.enc_depth_modality
+
+        def depth():  # uniform in 1..L
+            return int(torch.randint(1, L + 1, ()).item())
         if not self.training or p == 0:
             return None, None
-        if modality == "each":
-            return tuple(int(torch.randint(1, L + 1, ()).item()) if torch.rand(()).item() < p
-                         else None for _ in range(2))
+        if modality == "each":  # the image's draw, then the text's, each with chance p
+            return tuple(depth() if torch.rand(()).item() < p else None for _ in range(2))
         if torch.rand(()).item() >= p:
             return None, None
         if modality == "both":
             return tuple(torch.randint(1, L + 1, (2,)).tolist())
-        depth = int(torch.randint(1, L + 1, ()).item())
-        return (None, depth) if modality == "text" else (depth, None)
+        d = depth()
+        return (None, d) if modality == "text" else (d, None)
 
     # -- generation with exits (Sec. 3.3) --------------------------------------------------------
 
