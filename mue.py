@@ -512,11 +512,11 @@ class MuE(nn.Module):
         stops the two at once, with "text" or "image" that one alone, with that chance.
         -> (image depth, text depth), None where the encoder runs every layer"""
         p, L, modality = self.cfg.enc_depth_sampling, len(self.encoder), self.cfg.enc_depth_modality
+        if not self.training or p == 0:
+            return None, None
 
         def depth():  # uniform in 1..L
             return int(torch.randint(1, L + 1, ()).item())
-        if not self.training or p == 0:
-            return None, None
         if modality == "each":  # the image's draw, then the text's, each with chance p
             return tuple(depth() if torch.rand(()).item() < p else None for _ in range(2))
         if torch.rand(()).item() >= p:
