@@ -51,7 +51,7 @@ class MuEConfig:
     fusion: str = "decomposed"  # "decomposed": image and text apart (MuE) | "joint": one sequence
     loss_weights: str = "uniform"  # LOSS_WEIGHTS: "uniform" (the paper's) | "linear" | "last"
     enc_depth_sampling: float = 0.5  # beyond the paper (0 = the paper's): chance of an early stop
-    enc_depth_modality: str = "each"  # "each" (own draws) | "both" (at once) | "text" | "image"
+    enc_depth_modality: str = "each"  # "each" | "sample" | "both" | "text" | "image": sample_depths
     pad_id: int = 0  # padding token (ignored by attention and by the loss)
     bos_id: int = 1  # first decoder input
     eos_id: int = 2  # ends a generated sequence
@@ -60,7 +60,7 @@ class MuEConfig:
         _check_choice("fusion", self.fusion, ("decomposed", "joint"))
         _check_choice("loss_weights", self.loss_weights, LOSS_WEIGHTS, "LOSS_WEIGHTS")
         _check_choice("enc_depth_modality", self.enc_depth_modality,
-                      ("both", "text", "image", "each"))
+                      ("both", "text", "image", "each", "sample"))
         if self.fusion == "joint" and self.enc_depth_modality in ("text", "image"):  # one depth
             raise ValueError(f"enc_depth_modality={self.enc_depth_modality!r} needs fusion "
                              f"'decomposed': a joint encoder stops image and text together")
@@ -421,9 +421,11 @@ class MuE(nn.Module):
         """The encoder layers on x: (B, N, C), valid: (B, N) True on real tokens. rules: [(name,
         tau, token mask (B, N))]; a sample exits after layer l when signal(h_l, h_{l-1}, mask) >
         tau for every rule (one per modality; both on the joint sequence), and leaves the working
-        set. trace: collects every layer's signals per rule name. depth: run only that many.
+        set. trace: collects every layer's signals per rule name. depth: run only that many, an
+        int or a (B,) long tensor of each sample's own (training: a sample leaves at its depth).
         -> the states (B, N, C), each sample's from its exit layer, and the layers run (B,)."""
-        B, L = x.shape[0], len(self.encoder) if depth is None else depth
+        B, stops = x.shape[0], depth if torch.is_tensor(depth) else None  # stops: (B,) or None
+        L = len(self.encoder) if depth is None else int(depth.max()) if stops is not None else depth
         layers = torch.full((B,), L, dtype=torch.long, device=x.device)
         can_exit = all(tau < 1.0 for _, tau, _ in rules)
         mask = None if valid.all() else valid[:, None, None, :]  # (B, 1, 1, N)
@@ -433,24 +435,27 @@ class MuE(nn.Module):
         # zip, not self.encoder[:L]: slicing a ModuleList builds a new module on every call
         for l, layer in zip(range(1, L + 1), self.encoder, strict=False):
             h_new = layer(h, mask)
+            done = stops[rows] == l if stops is not None and l < L else None  # (b,) who leaves
             if (can_exit and l < L) or trace is not None:
-                done = None  # (b,): every rule's signal above its tau
+                passed = None  # (b,): every rule's signal above its tau
                 for (name, tau, _), m in zip(rules, token_masks, strict=True):
                     s = signal(h_new, h, m)  # (b,)
-                    done = s > tau if done is None else done & (s > tau)
+                    passed = s > tau if passed is None else passed & (s > tau)
                     if trace is not None:
                         trace[name].append(s)
-                # the layer's one host sync: the compaction needs to know who leaves
-                if can_exit and l < L and (done := done.cpu()).any():
-                    if done.all():  # the last rows leave together: no compaction, the
-                        layers[rows], h = l, h_new  # epilogue below writes them
-                        break
-                    out = x.clone() if out is None else out
-                    leave, keep = indices(done, x.device), indices(~done, x.device)
-                    out[rows[leave]], layers[rows[leave]] = h_new[leave], l
-                    rows, h_new = rows[keep], h_new[keep]
-                    mask = None if mask is None else mask[keep]
-                    token_masks = [m if m is None else m[keep] for m in token_masks]
+                if can_exit and l < L:
+                    done = passed if done is None else done | passed
+            # the layer's one host sync: the compaction needs to know who leaves
+            if done is not None and (done := done.cpu()).any():
+                if done.all():  # the last rows leave together: no compaction, the
+                    layers[rows], h = l, h_new  # epilogue below writes them
+                    break
+                out = x.clone() if out is None else out
+                leave, keep = indices(done, x.device), indices(~done, x.device)
+                out[rows[leave]], layers[rows[leave]] = h_new[leave], l
+                rows, h_new = rows[keep], h_new[keep]
+                mask = None if mask is None else mask[keep]
+                token_masks = [m if m is None else m[keep] for m in token_masks]
             h = h_new
         if out is None:  # no row left before the others: the states are simply h
             return h, layers
@@ -489,7 +494,7 @@ class MuE(nn.Module):
         targets: (B, T). Returns the last layer's logits (B, T, V) and, given targets, the
         layer-wise loss sum_l w_l * CE(head(h_l), targets), pad_id ignored."""
         self.check_inputs(images, src, tgt_in, targets)
-        memory, valid, _, _ = self.encode(images, src, depths=self.sample_depths())
+        memory, valid, _, _ = self.encode(images, src, depths=self.sample_depths(len(images)))
         mem_mask = valid[:, None, None, :]
         T = tgt_in.shape[1]
         x = self.drop(self.tok_emb(tgt_in) + self.tgt_pos(torch.arange(T, device=tgt_in.device)))
@@ -504,16 +509,21 @@ class MuE(nn.Module):
                 loss = w * ce if loss is None else loss + w * ce
         return (self.head(x) if logits is None else logits), loss
 
-    def sample_depths(self) -> tuple:
-        """Beyond the paper (LayerSkip-style): a training batch stops its encoders at depths
+    def sample_depths(self, B: int) -> tuple:
+        """Beyond the paper (LayerSkip-style): a training batch of B stops its encoders at depths
         drawn from 1..L, so that the decoder learns the states an encoder exit hands it. With
         enc_depth_modality "each" every encoder stops on its own draw, with chance
-        enc_depth_sampling (why: docs/results.md, "Encoder depth sampling"); with "both" a batch
-        stops the two at once, with "text" or "image" that one alone, with that chance.
-        -> (image depth, text depth), None where the encoder runs every layer"""
+        enc_depth_sampling (why: docs/results.md, "Encoder depth sampling"); with "sample" every
+        sample's every encoder does; with "both" a batch stops the two at once, with "text" or
+        "image" that one alone, with that chance.
+        -> (image depth, text depth), None where the encoder runs every layer; with "sample"
+        two (B,) long tensors, L where a sample runs every layer"""
         p, L, modality = self.cfg.enc_depth_sampling, len(self.encoder), self.cfg.enc_depth_modality
         if not self.training or p == 0:
             return None, None
+        if modality == "sample":  # the image's draws, then the text's, on the model's device
+            return tuple(torch.where(torch.rand(B) < p, torch.randint(1, L + 1, (B,)), L)
+                         .to(self.tok_emb.weight.device) for _ in range(2))
 
         def depth():  # uniform in 1..L
             return int(torch.randint(1, L + 1, ()).item())

@@ -579,7 +579,7 @@ def test_depth_sampling_reads_each_encoder_at_its_drawn_depth(seed, modality):
     model = make_model(12 + seed, enc_depth_sampling=1.0, enc_depth_modality=modality).train()
     images, src, tgt_in, targets = teacher_batch(model.cfg, seed=seed)
     torch.manual_seed(seed)
-    k_img, k_txt = model.sample_depths()
+    k_img, k_txt = model.sample_depths(4)
     torch.manual_seed(seed)
     logits, _ = model(images, src, tgt_in, targets)
     valid = src != 0
@@ -599,21 +599,69 @@ def test_depth_sampling_reads_each_encoder_at_its_drawn_depth(seed, modality):
 def test_depth_sampling_draws_every_depth_in_training_only():
     model = make_model(16, enc_depth_sampling=1.0).train()
     torch.manual_seed(0)
-    drawn = {model.sample_depths() for _ in range(200)}
+    drawn = {model.sample_depths(4) for _ in range(200)}
     assert drawn == {(a, b) for a in range(1, 5) for b in range(1, 5)}
     for modality, every in (("text", {(None, b) for b in range(1, 5)}),
                             ("image", {(a, None) for a in range(1, 5)}),
                             ("each", drawn)):  # at chance 1 each encoder is always stopped
         one = make_model(16, enc_depth_sampling=1.0, enc_depth_modality=modality).train()
-        assert {one.sample_depths() for _ in range(100)} == every, modality
+        assert {one.sample_depths(4) for _ in range(100)} == every, modality
     each = make_model(16, enc_depth_sampling=0.5, enc_depth_modality="each").train()
-    halves = [each.sample_depths() for _ in range(2000)]  # each encoder on its own coin
+    halves = [each.sample_depths(4) for _ in range(2000)]  # each encoder on its own coin
     assert {(a is None, b is None) for a, b in halves} == {(True, True), (True, False),
                                                            (False, True), (False, False)}
     for k in range(2):
         assert 900 < sum(d[k] is None for d in halves) < 1100, k
-    assert model.eval().sample_depths() == (None, None)
-    assert make_model(16, enc_depth_sampling=0.0).train().sample_depths() == (None, None)
+    assert model.eval().sample_depths(4) == (None, None)
+    assert make_model(16, enc_depth_sampling=0.0).train().sample_depths(4) == (None, None)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_depth_per_sample_equals_each_sample_alone_at_its_depth(seed):
+    """Oracle for enc_depth_modality "sample": in a batch whose samples stop their encoders at
+    their own depths (rows leave the working set), every sample gets the logits and gradients
+    it gets alone with its two depths as ints (the path the test above checks by hand)."""
+    model = make_model(20 + seed, enc_depth_sampling=0.7, enc_depth_modality="sample").train()
+    model.stem.eval()  # BatchNorm's batch statistics would tie the samples together
+    B = 6
+    images, src, tgt_in, targets = teacher_batch(model.cfg, B=B, seed=seed)
+    torch.manual_seed(seed)
+    k_img, k_txt = model.sample_depths(B)
+    assert len(set(k_img.tolist())) > 1 and len(set(k_txt.tolist())) > 1  # the rows do differ
+    w = torch.randn(B, tgt_in.shape[1], model.cfg.vocab_size, generator=torch.Generator()
+                    .manual_seed(seed))  # a fixed random direction for the gradients
+    torch.manual_seed(seed)
+    x = images.clone().requires_grad_(True)
+    logits, _ = model(x, src, tgt_in, targets)
+    (logits * w).sum().backward()
+    batch_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for i in range(B):
+        model.sample_depths = lambda _B, i=i: (int(k_img[i]), int(k_txt[i]))
+        xi = images[i:i + 1].clone().requires_grad_(True)
+        logits_i, _ = model(xi, src[i:i + 1], tgt_in[i:i + 1], targets[i:i + 1])
+        (logits_i * w[i:i + 1]).sum().backward()
+        torch.testing.assert_close(logits_i[0], logits[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(xi.grad[0], x.grad[i], atol=1e-5, rtol=1e-4)
+    for n, p in model.named_parameters():  # the batch's gradient is the sum of the samples'
+        if n in batch_grads:
+            torch.testing.assert_close(p.grad, batch_grads[n], atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_depth_per_sample_draws_each_sample_and_encoder_on_its_own_coin():
+    L, n = 4, 4000
+    every = make_model(16, enc_depth_sampling=1.0, enc_depth_modality="sample").train()
+    torch.manual_seed(0)
+    img, txt = every.sample_depths(n)
+    assert img.shape == txt.shape == (n,) and img.dtype == txt.dtype == torch.long
+    pairs = set(zip(img.tolist(), txt.tolist(), strict=True))
+    assert pairs == {(a, b) for a in range(1, L + 1) for b in range(1, L + 1)}
+    half = make_model(16, enc_depth_sampling=0.5, enc_depth_modality="sample").train()
+    img, txt = half.sample_depths(n)
+    # a sample stops early with chance 0.5 * (L - 1) / L: 1500 expected, sd 27
+    assert 1350 < (img < L).sum() < 1650 and 1350 < (txt < L).sum() < 1650
+    assert 460 < ((img < L) & (txt < L)).sum() < 660  # independent coins: 562 expected, sd 22
+    assert half.eval().sample_depths(n) == (None, None)
 
 
 def test_truncated_model_shares_the_first_layers():
