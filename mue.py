@@ -424,8 +424,11 @@ class MuE(nn.Module):
         set. trace: collects every layer's signals per rule name. depth: run only that many, an
         int or a (B,) long tensor of each sample's own (training: a sample leaves at its depth).
         -> the states (B, N, C), each sample's from its exit layer, and the layers run (B,)."""
-        B, stops = x.shape[0], depth if torch.is_tensor(depth) else None  # stops: (B,) or None
-        L = len(self.encoder) if depth is None else int(depth.max()) if stops is not None else depth
+        B = x.shape[0]
+        stops = depth.cpu() if torch.is_tensor(depth) else None  # (b,) host, compacted with h
+        if stops is not None:
+            depth = int(stops.max())  # the deepest sample's
+        L = len(self.encoder) if depth is None else depth
         layers = torch.full((B,), L, dtype=torch.long, device=x.device)
         can_exit = all(tau < 1.0 for _, tau, _ in rules)
         mask = None if valid.all() else valid[:, None, None, :]  # (B, 1, 1, N)
@@ -434,19 +437,19 @@ class MuE(nn.Module):
         token_masks = [None if mask is None and m is valid else m for _, _, m in rules]
         # zip, not self.encoder[:L]: slicing a ModuleList builds a new module on every call
         for l, layer in zip(range(1, L + 1), self.encoder, strict=False):
-            h_new = layer(h, mask)
-            done = stops[rows] == l if stops is not None and l < L else None  # (b,) who leaves
-            if (can_exit and l < L) or trace is not None:
+            h_new, early = layer(h, mask), l < L  # leaving after the last layer changes nothing
+            done = stops == l if stops is not None and early else None  # (b,) host: at its depth
+            if (can_exit and early) or trace is not None:
                 passed = None  # (b,): every rule's signal above its tau
                 for (name, tau, _), m in zip(rules, token_masks, strict=True):
                     s = signal(h_new, h, m)  # (b,)
                     passed = s > tau if passed is None else passed & (s > tau)
                     if trace is not None:
                         trace[name].append(s)
-                if can_exit and l < L:
+                if can_exit and early:  # the layer's one host sync: who leaves, for the compaction
+                    passed = passed.cpu()
                     done = passed if done is None else done | passed
-            # the layer's one host sync: the compaction needs to know who leaves
-            if done is not None and (done := done.cpu()).any():
+            if done is not None and done.any():
                 if done.all():  # the last rows leave together: no compaction, the
                     layers[rows], h = l, h_new  # epilogue below writes them
                     break
@@ -456,6 +459,7 @@ class MuE(nn.Module):
                 rows, h_new = rows[keep], h_new[keep]
                 mask = None if mask is None else mask[keep]
                 token_masks = [m if m is None else m[keep] for m in token_masks]
+                stops = None if stops is None else stops[~done]
             h = h_new
         if out is None:  # no row left before the others: the states are simply h
             return h, layers
@@ -517,13 +521,14 @@ class MuE(nn.Module):
         sample's every encoder does; with "both" a batch stops the two at once, with "text" or
         "image" that one alone, with that chance.
         -> (image depth, text depth), None where the encoder runs every layer; with "sample"
-        two (B,) long tensors, L where a sample runs every layer"""
+        two (B,) long tensors on the host, L where a sample runs every layer"""
         p, L, modality = self.cfg.enc_depth_sampling, len(self.encoder), self.cfg.enc_depth_modality
         if not self.training or p == 0:
             return None, None
-        if modality == "sample":  # the image's draws, then the text's, on the model's device
+        if modality == "sample":  # the image's draws, then the text's; run_encoder reads them on
+            # the host, so that a sample leaving at its depth costs the GPU no sync
             return tuple(torch.where(torch.rand(B) < p, torch.randint(1, L + 1, (B,)), L)
-                         .to(self.tok_emb.weight.device) for _ in range(2))
+                         for _ in range(2))
 
         def depth():  # uniform in 1..L
             return int(torch.randint(1, L + 1, ()).item())
