@@ -376,25 +376,33 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
         log(f"calibrate {task} | warning: the full model scores 0 on "
             f"{len(tune.samples) + len(test.samples)} val samples: the task was not learned, so "
             f"nothing can be calibrated; every layer runs")
-        return replace(base, **never), {**record, "tried": 0, "tested": 0, "passed": 0}
+        return replace(base, **never), {**record, "tried": 0, "tested": 0, "passed": 0,
+                                         "stopped_at": None}
     path = walk(knobs(model, tune, base, LEVELS), lambda f: run(tune, f), q_tune, m_tune)
-    tried, chosen, passed = runs[0] - 2, {}, 0
+    tried, chosen, passed, stop = runs[0] - 2, {}, 0, None
     for fields_ in path:  # fixed-sequence testing: stop at the first configuration that fails
         q, macs = run(test, fields_)
         # the promise E[exits] >= target E[full] is E[z] <= 0: reject E[z] >= 0 to pass
         z = [target * a - b for a, b in zip(full, unit_means(q), strict=True)]
-        if p_value(z, delta) > delta:
+        if (p := p_value(z, delta)) > delta:  # what ended the path, for a reader of the run
+            stop = {"thresholds": {**never, **fields_}, "p": p, "quality": statistics.fmean(q)}
             break
         chosen, passed, saving = fields_, passed + 1, 1 - macs / m_test
     ex = replace(base, **{**never, **chosen})
     log(f"calibrate {task} | path of {len(path)} on {len(tune.samples)} tuning samples "
         f"({tried} runs), {passed} passed in turn on {len(test.samples)} testing samples "
         f"({len(units)} units) | delta {delta:g}")
+    if stop:
+        log(f"calibrate {task} | stopped at configuration {passed + 1}, "
+            f"{_thr(stop['thresholds'])}: {stop['quality']:.1f} on the testing samples against "
+            f"the full model's {statistics.fmean(q_test):.1f}, p {stop['p']:.3f} > delta "
+            f"{delta:g}, so none after it is tested")
     log(f"calibrate {task} | full {statistics.fmean(q_test):.1f} | chosen {_thr(asdict(ex))} "
         f"({-100 * saving:+.1f}% FLOPs): keeps at least {100 * target:g}% "
         f"with probability {1 - delta:g}, on {len(tune.samples) + len(test.samples)} val "
         f"samples | {time.perf_counter() - t0:.1f} s")
-    return ex, {**record, "tried": tried, "tested": min(passed + 1, len(path)), "passed": passed}
+    return ex, {**record, "tried": tried, "tested": min(passed + 1, len(path)), "passed": passed,
+                "stopped_at": stop}
 
 
 def walk(cands: dict[str, list[dict]], trial, q_full, m_full) -> list[dict]:

@@ -394,6 +394,12 @@ def test_calibration_walks_the_safest_step_first_and_stops_at_the_first_failure(
     assert (ex.img_threshold, ex.txt_threshold, ex.dec_threshold) == (1.0, 0.8, 0.6)
     assert record["passed"] == 4 and record["tested"] == 5 and record["units"] == 1600
     assert record["samples"] == {"tuning": 400, "testing": 1600} and record["delta"] == 0.05
+    # what ended the path: the fifth configuration, where the decoder breaks 1.5% of the answers
+    stop = record["stopped_at"]
+    assert stop["thresholds"] == {"img_threshold": 1.0, "txt_threshold": 0.8,
+                                  "dec_threshold": 0.5} and stop["p"] > 0.05
+    i = np.arange(400, 2000)  # the testing samples, with the text's 0.1% broken too
+    assert stop["quality"] == pytest.approx(100 * (1 - np.mean((i % 67 == 7) | (i % 1000 == 7))))
     # with 400 validation samples, not even a change-nothing configuration can be certified
     small = Stub(monkeypatch, 400, np.zeros(400, dtype=bool), breaks, cands,
                  lambda fields: sum(saves[v] for v in fields.values()))
@@ -454,7 +460,10 @@ def test_calibration_on_a_model_keeps_the_target_on_val_and_says_what_it_did(tra
     lines = []
     exits, records = ev.calibrate(trained, val, tok, "cpu", target, batch_size=8, n=n,
                                   base=base, log=lines.append)
-    assert set(exits) == set(records) == {"caption", "ve"} and len(lines) == 4
+    stops = [r["stopped_at"] for r in records.values() if r["stopped_at"]]
+    assert set(exits) == set(records) == {"caption", "ve"} and len(lines) == 4 + len(stops)
+    for stop in stops:  # the line that says what ended the path, with its p-value
+        assert stop["p"] > 0.05 and sum(f"p {stop['p']:.3f} > delta" in x for x in lines) >= 1
     samples = [val[i] for i in range(n)]
     for task, ex in exits.items():
         assert (ex.dec_criterion, ex.dec_schedule) == (base.dec_criterion, base.dec_schedule)
