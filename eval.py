@@ -388,20 +388,20 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
             stop = {"thresholds": {**never, **fields_}, "p": p, "quality": statistics.fmean(q)}
             break
         chosen, passed, saving = fields_, passed + 1, 1 - macs / m_test
-    ex = replace(base, **{**never, **chosen})
+    ex, full_mean = replace(base, **{**never, **chosen}), statistics.fmean(q_test)
     log(f"calibrate {task} | path of {len(path)} on {len(tune.samples)} tuning samples "
         f"({tried} runs), {passed} passed in turn on {len(test.samples)} testing samples "
         f"({len(units)} units) | delta {delta:g}")
     if stop:
         log(f"calibrate {task} | stopped at configuration {passed + 1}, "
             f"{_thr(stop['thresholds'])}: {stop['quality']:.1f} on the testing samples against "
-            f"the full model's {statistics.fmean(q_test):.1f}, p {stop['p']:.3f} > delta "
+            f"the full model's {full_mean:.1f}, p {stop['p']:.3f} > delta "
             f"{delta:g}, so none after it is tested")
-    log(f"calibrate {task} | full {statistics.fmean(q_test):.1f} | chosen {_thr(asdict(ex))} "
+    log(f"calibrate {task} | full {full_mean:.1f} | chosen {_thr(asdict(ex))} "
         f"({-100 * saving:+.1f}% FLOPs): keeps at least {100 * target:g}% "
         f"with probability {1 - delta:g}, on {len(tune.samples) + len(test.samples)} val "
         f"samples | {time.perf_counter() - t0:.1f} s")
-    return ex, {**record, "tried": tried, "tested": min(passed + 1, len(path)), "passed": passed,
+    return ex, {**record, "tried": tried, "tested": passed + (stop is not None), "passed": passed,
                 "stopped_at": stop}
 
 

@@ -454,12 +454,13 @@ class MuE(nn.Module):
                     layers[rows], h = l, h_new  # epilogue below writes them
                     break
                 out = x.clone() if out is None else out
-                leave, keep = indices(done, x.device), indices(~done, x.device)
+                stay = ~done  # (b,) host
+                leave, keep = indices(done, x.device), indices(stay, x.device)
                 out[rows[leave]], layers[rows[leave]] = h_new[leave], l
                 rows, h_new = rows[keep], h_new[keep]
                 mask = None if mask is None else mask[keep]
                 token_masks = [m if m is None else m[keep] for m in token_masks]
-                stops = None if stops is None else stops[~done]
+                stops = None if stops is None else stops[stay]
             h = h_new
         if out is None:  # no row left before the others: the states are simply h
             return h, layers
