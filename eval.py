@@ -130,7 +130,8 @@ def sample_macs(model, ex, stem: int, n_txt: int, img_l: int, txt_l: int, dec: l
         n, keys = (n_pre, n_pre) if s == 0 else (1, n_pre + s)  # keys: positions attended to
         per_layer = (n * (4 * C * C + 2 * C * C + 2 * C * Ff)  # projections (self q, k, v, out;
                      + 2 * n * keys * C + 2 * n * M * C)  # cross q, out), MLP; QK^T and AV
-        macs += k * per_layer + (k if heads_at_every_layer else 1) * C * V  # heads: one token
+        heads = max(1, k - ex.dec_min_layer + 1) if heads_at_every_layer else 1  # one token's:
+        macs += k * per_layer + heads * C * V  # at each layer that may exit, and the last
         reached = max(dec[s + 1:], default=0)  # state propagation, on demand: K/V of the
         macs += max(0, reached - k) * n * 2 * C * C  # skipped layers a later token reads
     return macs
@@ -259,21 +260,28 @@ def summarize(name, task, run: Run, full: Run, q_full, depth, ex) -> dict:
 # quality on new samples from the same distribution (independent units: samples that share an
 # image count as one). The val samples are split: a fifth, the tuning units, orders the
 # candidates into a path from safe to daring; the rest tests them along that path in turn
-# (fixed-sequence testing), each test at delta, and the last configuration that passed is
-# chosen. Each test asks the promise itself, gains counted against losses (`p_value`). Candidate
-# thresholds are quantiles of the model's own exit signals on the tuning samples (MuE.profile):
-# a fixed grid would mostly land where nothing, or everything, exits. Why these levels:
-# docs/results.md, "Calibration".
+# (fixed-sequence testing), each test at its path's share of delta. Each test asks the promise
+# itself, gains counted against losses (`p_value`). Two paths: the paper's exit rule, and one
+# where no token leaves the decoder before layer `dec_min_layer` (beyond the paper: a first layer
+# that is sure and wrong on a few answers ends the first path early; docs/results.md,
+# "Calibration"). A false pass in either happens with chance at most the sum of their shares,
+# delta (a union bound), so every configuration that passed keeps the promise: the one that
+# saves most FLOPs is chosen. Candidate thresholds are quantiles of the model's own exit signals
+# on the tuning samples (MuE.profile): a fixed grid would mostly land where nothing, or
+# everything, exits. Why these levels: docs/results.md, "Calibration".
 LEVELS = (0.95, 0.85, 0.7, 0.5, 0.3, 0.2, 0.1, 0.03, 0.01)
 QUALITY_MAX = {"ve": 100.0, "caption": 1000.0}  # a sample's best score: accuracy, CIDEr-D x 100
 TUNING = 0.2  # the share of the validation samples that orders the candidates
+SECOND = 0.2  # the second path's share of delta
 
 
-def check_calibration(target, delta):
+def check_calibration(target, delta, dec_min_layer=1):
     if not 0 < target <= 1:
         raise ValueError(f"--target must be in (0, 1], got {target}")
     if not 0 < delta < 1:
         raise ValueError(f"--delta must be in (0, 1), got {delta}")
+    if type(dec_min_layer) is not int or dec_min_layer < 1:
+        raise ValueError(f"--dec-min-layer must be an integer >= 1, got {dec_min_layer!r}")
 
 
 def p_value(z: list[float], delta: float) -> float:
@@ -298,7 +306,8 @@ def p_value(z: list[float], delta: float) -> float:
 def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]]:
     """Per knob, candidate ExitConfig fields, most conservative first: quantiles of every tuning
     sample's signals (whatever the batch size) at the positions that can exit: the encoder's
-    layers but the last, the decoder's at the positions generate decides (VE: the answer alone).
+    layers but the last, the decoder's at the positions generate decides (VE: the answer alone)
+    from layer base.dec_min_layer on.
     Decomposed: img, txt and dec apart; joint fusion exits only when both modalities agree, so
     img and txt move together as one knob."""
     L_enc, L_dec = model.cfg.n_enc_layers, model.cfg.n_dec_layers
@@ -308,7 +317,8 @@ def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]
         decided = batch.tgt_mask & (batch.tgt_mask.cumsum(1) <= td.max_new)  # (B, T)
         sig["img"].append(p["img"][:, :L_enc - 1].flatten())
         sig["txt"].append(p["txt"][:, :L_enc - 1].flatten())
-        sig["dec"].append(p[f"dec_{base.dec_criterion}"][:, :, :L_dec - 1][decided])
+        sig["dec"].append(p[f"dec_{base.dec_criterion}"][:, :, base.dec_min_layer - 1:L_dec - 1]
+                          [decided])
     cands = {}
     for name, vals in sig.items():
         v = torch.cat(vals).float().cpu()
@@ -326,13 +336,14 @@ def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]
 
 
 def calibrate(model, val_set, tok, device, target=0.99, delta=0.05, batch_size=512, n=None,
-              base=None, log=print) -> tuple[dict, dict]:
+              base=None, log=print, dec_min_layer=2) -> tuple[dict, dict]:
     """Per task in the first n samples of val_set, the thresholds with the largest saving that
     keep `target` of the full model's quality, as promised above. base carries the signals and
-    the schedule; its thresholds are ignored. batch_size changes only the time (larger: fewer
-    decoding steps in Python; why 512: docs/results.md, "Calibration").
-    -> (task -> ExitConfig, task -> a record)."""
-    check_calibration(target, delta)
+    the schedule; its thresholds are ignored. dec_min_layer: the second path's (1: one path, the
+    paper's rule alone). batch_size changes only the time (larger: fewer decoding steps in
+    Python; why 512: docs/results.md, "Calibration"). -> (task -> ExitConfig, task -> a record)."""
+    check_calibration(target, delta, dec_min_layer)
+    paths = ((1, 1 - SECOND), (dec_min_layer, SECOND)) if dec_min_layer > 1 else ((1, 1.0),)
     found = {}
     for task, td in prepare(val_set, tok, model.cfg, n, batch_size, device).items():
         units = grouped(td.samples)
@@ -346,63 +357,80 @@ def calibrate(model, val_set, tok, device, target=0.99, delta=0.05, batch_size=5
             [td.samples[i] for i in part], tok, model.cfg, batch_size, device), td.max_new)
             for part in parts)
         found[task] = calibrate_task(model, task, tune, test, tok, target, delta,
-                                     base or ExitConfig(), log)
+                                     base or ExitConfig(), log, paths)
     return {t: ex for t, (ex, _) in found.items()}, {t: rec for t, (_, rec) in found.items()}
 
 
-def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, delta, base, log):
-    """The path on the tuning samples, then fixed-sequence testing on the rest (see above).
-    -> (ExitConfig, a record of what was done)."""
+def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, delta, base, log,
+                   paths=((1, 1.0),)):
+    """Each path (dec_min_layer, share of delta) on the tuning samples, then fixed-sequence testing
+    on the rest (see above). -> (ExitConfig, a record of what was done)."""
     t0, q_max = time.perf_counter(), QUALITY_MAX[task]
-    never, runs, saving = {f: 1.0 for f in KNOB_FIELDS.values()}, [0], 0.0
+    never, memo = {f: 1.0 for f in KNOB_FIELDS.values()}, {}
+
+    def config(fields_):  # the minimum layer means nothing while the decoder never exits
+        ex = replace(base, **{**never, **fields_})
+        return ex if ex.dec_threshold < 1 else replace(ex, dec_min_layer=1)
 
     def run(td, fields_):  # -> per-sample quality, FLOP-weighted saving against the full model
-        runs[0] += 1
-        ex = replace(base, **{**never, **fields_}) if fields_ else None
-        r = run_configs([("", model, ex)], td.batches, tok, td.max_new)[0]
-        return quality(task, r.preds, r.refs, per_sample=True)["per_sample"], sum(r.macs)
+        ex = config(fields_) if fields_ else None
+        if (td is tune, ex) not in memo:  # the paths share the configurations they both reach
+            r = run_configs([("", model, ex)], td.batches, tok, td.max_new)[0]
+            memo[td is tune, ex] = (quality(task, r.preds, r.refs, per_sample=True)["per_sample"],
+                                    sum(r.macs))
+        return memo[td is tune, ex]
 
     (q_tune, m_tune), (q_test, m_test) = run(tune, {}), run(test, {})
     units = grouped(test.samples)
 
     def unit_means(values):  # per unit (samples that share an image), in [0, 1]
         return [statistics.fmean(values[i] for i in u) / q_max for u in units]
-    full = unit_means(q_test)
-    record = {"procedure": "Learn then Test, fixed-sequence along a path ordered on tuning "
-              "samples; p-values by betting", "delta": delta, "target": target,
-              "samples": {"tuning": len(tune.samples), "testing": len(test.samples)},
-              "units": len(units)}
+    full, full_mean = unit_means(q_test), statistics.fmean(q_test)
+    record = {"procedure": "Learn then Test, fixed-sequence along each path ordered on tuning "
+              "samples, a union bound over the paths; p-values by betting", "delta": delta,
+              "target": target, "units": len(units),
+              "samples": {"tuning": len(tune.samples), "testing": len(test.samples)}}
     if statistics.fmean(q_tune + q_test) <= 0:  # nothing to keep a share of
         log(f"calibrate {task} | warning: the full model scores 0 on "
             f"{len(tune.samples) + len(test.samples)} val samples: the task was not learned, so "
             f"nothing can be calibrated; every layer runs")
-        return replace(base, **never), {**record, "tried": 0, "tested": 0, "passed": 0,
-                                         "stopped_at": None}
-    path = walk(knobs(model, tune, base, LEVELS), lambda f: run(tune, f), q_tune, m_tune)
-    tried, chosen, passed, stop = runs[0] - 2, {}, 0, None
-    for fields_ in path:  # fixed-sequence testing: stop at the first configuration that fails
-        q, macs = run(test, fields_)
-        # the promise E[exits] >= target E[full] is E[z] <= 0: reject E[z] >= 0 to pass
-        z = [target * a - b for a, b in zip(full, unit_means(q), strict=True)]
-        if (p := p_value(z, delta)) > delta:  # what ended the path, for a reader of the run
-            stop = {"thresholds": {**never, **fields_}, "p": p, "quality": statistics.fmean(q)}
-            break
-        chosen, passed, saving = fields_, passed + 1, 1 - macs / m_test
-    ex, full_mean = replace(base, **{**never, **chosen}), statistics.fmean(q_test)
-    log(f"calibrate {task} | path of {len(path)} on {len(tune.samples)} tuning samples "
-        f"({tried} runs), {passed} passed in turn on {len(test.samples)} testing samples "
-        f"({len(units)} units) | delta {delta:g}")
-    if stop:
-        log(f"calibrate {task} | stopped at configuration {passed + 1}, "
-            f"{_thr(stop['thresholds'])}: {stop['quality']:.1f} on the testing samples against "
-            f"the full model's {full_mean:.1f}, p {stop['p']:.3f} > delta "
-            f"{delta:g}, so none after it is tested")
+        return replace(base, **never), {**record, "tried": 0, "paths": []}
+    chosen, saving, record["paths"] = {}, 0.0, []
+    for m, share in paths:
+        a = share * delta
+        path = [{**f, "dec_min_layer": m} for f in walk(
+            knobs(model, tune, replace(base, dec_min_layer=m), LEVELS),
+            lambda f, m=m: run(tune, {**f, "dec_min_layer": m}), q_tune, m_tune)]
+        passed, stop = 0, None
+        for fields_ in path:  # fixed-sequence testing: stop at the first configuration that fails
+            q, macs = run(test, fields_)
+            # the promise E[exits] >= target E[full] is E[z] <= 0: reject E[z] >= 0 to pass
+            z = [target * x - y for x, y in zip(full, unit_means(q), strict=True)]
+            if (p := p_value(z, a)) > a:  # what ended the path, for a reader of the run
+                stop = {"thresholds": asdict(config(fields_)), "p": p,
+                        "quality": statistics.fmean(q)}
+                break
+            passed += 1
+            if 1 - macs / m_test > saving:
+                chosen, saving = fields_, 1 - macs / m_test
+        log(f"calibrate {task} | path {len(record['paths']) + 1}, decoder exits from layer {m}: "
+            f"{len(path)} configurations ordered on {len(tune.samples)} tuning samples, "
+            f"{passed} passed in turn on {len(test.samples)} testing samples ({len(units)} "
+            f"units) at delta {a:g}")
+        if stop:
+            log(f"calibrate {task} | path {len(record['paths']) + 1} stopped at configuration "
+                f"{passed + 1}, {_thr(stop['thresholds'])}: {stop['quality']:.1f} on the testing "
+                f"samples against the full model's {full_mean:.1f}, p {stop['p']:.3f} > "
+                f"{a:g}, so none after it is tested")
+        record["paths"].append({"dec_min_layer": m, "delta": a, "length": len(path),
+                                "tested": passed + (stop is not None), "passed": passed,
+                                "stopped_at": stop})
+    ex = config(chosen)
     log(f"calibrate {task} | full {full_mean:.1f} | chosen {_thr(asdict(ex))} "
         f"({-100 * saving:+.1f}% FLOPs): keeps at least {100 * target:g}% "
         f"with probability {1 - delta:g}, on {len(tune.samples) + len(test.samples)} val "
-        f"samples | {time.perf_counter() - t0:.1f} s")
-    return ex, {**record, "tried": tried, "tested": passed + (stop is not None), "passed": passed,
-                "stopped_at": stop}
+        f"samples | {sum(t for t, _ in memo) - 1} tuning runs | {time.perf_counter() - t0:.1f} s")
+    return ex, {**record, "tried": sum(t for t, _ in memo) - 1}
 
 
 def walk(cands: dict[str, list[dict]], trial, q_full, m_full) -> list[dict]:
@@ -552,7 +580,11 @@ def _pct(x):
 
 
 def _thr(t):
-    return "-" if t is None else "/".join(f"{t[f]:.6g}" for f in KNOB_FIELDS.values())
+    if t is None:
+        return "-"
+    m = t.get("dec_min_layer", 1) if t["dec_threshold"] < 1 else 1  # beyond the paper where > 1
+    return "/".join(f"{t[f]:.6g}" for f in KNOB_FIELDS.values()) + (
+        f" (dec from layer {m})" if m > 1 else "")
 
 
 def _speed(r, key):
@@ -912,6 +944,9 @@ def parser():
                    "train.py's --target, else 0.99)")
     p.add_argument("--delta", type=float, default=0.05, help="calibration's chance of a wrong "
                    "promise: the chosen exits keep --target with probability 1 - delta")
+    p.add_argument("--dec-min-layer", type=positive, help="calibration's second path: no "
+                   "decoder exit before this layer, beyond the paper (1: the paper's rule alone; "
+                   "default: train.py's, else 2)")
     p.add_argument("--sweep", action="store_true", help="threshold grid and trade-off PNG")
     p.add_argument("--grid", type=int, default=4, help="values per knob in the sweep")
     p.add_argument("--sweep-n", type=positive, default=200, help="test samples in the sweep (its "
@@ -946,7 +981,8 @@ def load(args, flags):
     """Check the settings and the output paths, read the checkpoints and the data, before
     anything runs. -> [(path, model, state)], the tokenizer, val, test, and the signals for
     --calibrate and --sweep (an ExitConfig). ValueError names what is wrong."""
-    check_calibration(0.99 if args.target is None else args.target, args.delta)
+    check_calibration(0.99 if args.target is None else args.target, args.delta,
+                      args.dec_min_layer or 1)
     if args.grid < 2:
         raise ValueError(f"need --grid >= 2, got {args.grid}")
     args.out = args.out or os.path.dirname(args.ckpt) or "."  # beside the checkpoint
@@ -973,10 +1009,11 @@ def load(args, flags):
             raise ValueError(f"ablation checkpoint {path!r} does not share the main one's "
                              f"tokenizer and image size")
         checkpoints.append((path, m, st))
+    train = state.get("train") or {}
+    args.dec_min_layer = args.dec_min_layer or train.get("dec_min_layer", 2)
     for path, _, st in checkpoints:
         check_registered(path, st, flags)
         thresholds(st, {} if args.calibrate else flags)  # the flags' names and ranges, now
-    train = state.get("train") or {}
     # The signals and the schedule for --calibrate and --sweep: the flags, else train.py's.
     base = ExitConfig(**{"dec_criterion": train.get("dec_criterion", "confidence"),
                          "dec_schedule": train.get("dec_schedule", "constant"),
@@ -1055,7 +1092,8 @@ def evaluate(args, flags, checkpoints, tok, val_set, test_set, base) -> int:
     for path, m, st in checkpoints:
         if args.calibrate:  # each checkpoint gets its own thresholds, stored in it
             found, result["calibration"] = calibrate(m, val_set, tok, args.device, args.target,
-                                                     args.delta, n=args.n_val, base=base)
+                                                     args.delta, n=args.n_val, base=base,
+                                                     dec_min_layer=args.dec_min_layer)
             st["exits"] = {t: asdict(e) for t, e in found.items()}
             st["plugins"] = sorted(set(st.get("plugins") or []) | set(PLUGINS))
             save_checkpoint(path, m, **{k: v for k, v in st.items() if k != "model"})

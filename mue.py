@@ -103,8 +103,12 @@ class ExitConfig:
     dec_beta: float = 0.95  # beta of the decay schedule
     dec_tau: float = 1.0  # tau of the decay schedule (how fast it decays with t)
     enc_criterion: str = "cosine"  # the encoder's signal, a name in ENC_SIGNALS
+    dec_min_layer: int = 1  # no token exits the decoder before this layer (1: the paper's, any;
+    # beyond the paper, calibration may choose 2: docs/reference.md, "Calibration")
 
     def __post_init__(self):
+        if type(self.dec_min_layer) is not int or self.dec_min_layer < 1:
+            raise ValueError(f"dec_min_layer must be an integer >= 1, got {self.dec_min_layer!r}")
         _check_choice("dec_criterion", self.dec_criterion, DEC_SIGNALS, "DEC_SIGNALS")
         _check_choice("dec_schedule", self.dec_schedule, DEC_SCHEDULES, "DEC_SCHEDULES")
         _check_choice("enc_criterion", self.enc_criterion, ENC_SIGNALS, "ENC_SIGNALS")
@@ -176,10 +180,11 @@ def similarity(h, prev, logits, layer, state):
 # Decoder signals, per generated token: fn(h, prev, logits, layer, state) -> (signal, state).
 # h, prev: (..., C) the token's state after and before decoder layer `layer` (1-based; prev = the
 # token's embedding at layer 1); logits: (..., V) the head on h if the Signal says head=True, else
-# None; state: None at layer 1, then what fn returned at the layer before (a tensor (..., k) or
-# None), for a signal with a memory across layers. The leading dims are (b,) tokens in `generate`
-# and (B, T) positions in `profile`: compute along the last dim only, never write into h or prev,
-# and never call .item() or print (a host sync per layer and token is what makes exits slow).
+# None; state: None at the first layer read (ExitConfig.dec_min_layer; `profile` reads them all),
+# then what fn returned at the layer before (a tensor (..., k) or None), for a signal with a memory
+# across layers. The leading dims are (b,) tokens in `generate` and (B, T) positions in `profile`:
+# compute along the last dim only, never write into h or prev, and never call .item() or print (a
+# host sync per layer and token is what makes exits slow).
 DEC_SIGNALS = {"confidence": Signal(confidence, low=0.0, head=True),
                "similarity": Signal(similarity, low=-1.0)}
 
@@ -633,12 +638,13 @@ class MuE(nn.Module):
 
 class Decoding:
     """One batched greedy decode with exits (Sec. 3.3), the state `MuE.generate` drives. After
-    each layer, a row whose signal beats Theta(s) predicts from that layer and leaves the working
-    set. A token that left at layer k keeps its exit state; when a later token first reads a
-    deeper layer, its keys and values there are computed from that state (CALM's state
-    propagation, on demand: layers no later token reaches cost nothing). The bookkeeping lives
-    on the host (row indices, positions, what is cached), which each layer's exit decision
-    reaches anyway; an index goes to the device once, without waiting, where it indexes there."""
+    each layer (from ex.dec_min_layer on), a row whose signal beats Theta(s) predicts from that
+    layer and leaves the working set. A token that left at layer k keeps its exit state; when a
+    later token first reads a deeper layer, its keys and values there are computed from that
+    state (CALM's state propagation, on demand: layers no later token reaches cost nothing).
+    The bookkeeping lives on the host (row indices, positions, what is cached), which each
+    layer's exit decision reaches anyway; an index goes to the device once, without waiting,
+    where it indexes there."""
 
     def __init__(self, model, memory, valid, real, n_new, return_logits):
         B, P = real.shape
@@ -685,7 +691,7 @@ class Decoding:
             if j == len(decoder) - 1:  # the last layer predicts for every row still here
                 self.emit(r, self.model.head(pick(h_new, at)), s, j + 1)
                 return
-            if theta < 1.0:
+            if theta < 1.0 and j + 1 >= ex.dec_min_layer:
                 now = pick(h_new, at)  # (b, C)
                 logits = self.model.head(now) if signal.head else None  # (b, V)
                 value, state = signal.fn(now, pick(h, at), logits, j + 1, state)

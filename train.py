@@ -70,6 +70,7 @@ class TrainConfig:
     report: bool = True  # after training: calibrate the exits, compare with the full model
     target: float = 0.99  # calibration keeps at least this fraction of full-model quality
     delta: float = 0.05  # the chance that calibration's promise fails: it holds with 1 - delta
+    dec_min_layer: int = 2  # calibration's 2nd path: no decoder exit before it (beyond the paper)
     dec_criterion: str = "confidence"  # the report's decoder signal: "confidence" | "similarity"
     dec_schedule: str = "decay"  # the report's decoder threshold: "decay" (paper) | "constant"
     enc_criterion: str = "cosine"  # the report's encoder signal: "cosine"
@@ -89,8 +90,8 @@ MODEL_FIELDS = {f.name for f in fields(MuEConfig)}
 DERIVED = {"vocab_size", "pad_id", "bos_id", "eos_id"}  # set from the tokenizer, not by flags
 # What --resume lets a flag change; every other setting is the checkpoint's, given or not.
 KEEP_ON_RESUME = {"steps", "device", "workers", "log_every", "ckpt_every", "out", "resume",
-                  "force", "report", "target", "delta", "val_size", "test_size", "dec_criterion",
-                  "dec_schedule", "enc_criterion"}
+                  "force", "report", "target", "delta", "dec_min_layer", "val_size", "test_size",
+                  "dec_criterion", "dec_schedule", "enc_criterion"}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -179,7 +180,7 @@ def check_train_config(t: TrainConfig):
                          "weight-decay >= 0, workers >= 0")
     ExitConfig(dec_criterion=t.dec_criterion, dec_schedule=t.dec_schedule,
                enc_criterion=t.enc_criterion)  # names the field
-    check_calibration(t.target, t.delta)
+    check_calibration(t.target, t.delta, t.dec_min_layer)
     if t.resume and t.force:
         raise ValueError("--resume continues the checkpoint and --force replaces it: pick one")
 
@@ -461,7 +462,8 @@ def report(model, tok, val_set, test_set, tcfg, device, losses, train_time, chec
     t0 = time.time()
     base = ExitConfig(dec_criterion=tcfg.dec_criterion, dec_schedule=tcfg.dec_schedule,
                       enc_criterion=tcfg.enc_criterion)
-    exits, calibration = calibrate(model, val_set, tok, device, tcfg.target, tcfg.delta, base=base)
+    exits, calibration = calibrate(model, val_set, tok, device, tcfg.target, tcfg.delta, base=base,
+                                   dec_min_layer=tcfg.dec_min_layer)
     checkpoint({"exits": {task: asdict(ex) for task, ex in exits.items()}})
     rows = compare(model, test_set, tok, device, exits)
     print(format_table(rows))

@@ -51,6 +51,7 @@ def test_flags_override_presets_and_unknown_flags_are_rejected(capsys):
                           (["--dec-criterion", "nonsense"], "dec_criterion must be one of"),
                           (["--dec-schedule", "linear"], "dec_schedule must be one of"),
                           (["--workers", "-1"], "workers >= 0"),
+                          (["--dec-min-layer", "0"], "--dec-min-layer must be an integer >= 1"),
                           (["--shapes", "colour=red"], "--shapes 'colour=red': expected NAME"),
                           (["--shapes", "max_objects=9"], "max_objects=9"),
                           (["--data", "coco", "--ann", "a", "--images", "b", "--shapes",
