@@ -345,24 +345,38 @@ def test_the_betting_p_value_certifies_what_it_should():
     assert ev.p_value([0.5] * 1600, 0.05) == 1.0  # every bet lost: no evidence at all
 
 
+def test_the_p_value_of_the_first_units_is_never_below_the_whole_tests():
+    """What lets a test stop early: told that n units will come, the bets on the first k are
+    those of the whole test, so its p-value there is never below the whole test's, and a test
+    that reached delta on its first units passes on them all."""
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        z = list(rng.choice([-0.01, 0.99, -1.0, 0.0], 800, p=[0.975, 0.01, 0.005, 0.01]))
+        whole = ev.p_value(z, 0.05)
+        firsts = [ev.p_value(z[:k], 0.05, len(z)) for k in range(0, 801, 50)]
+        assert all(p >= whole for p in firsts) and firsts[-1] == whole
+        assert firsts == sorted(firsts, reverse=True)  # more units, more evidence so far
+
+
 class Stub:
     """Validation answers of a known world, for calibrate_task without a model: sample i is a
     full-model success unless full_wrong[i], and configuration c flips it when flips(c, i); c
     holds the thresholds below 1, and dec_min_layer where the decoder exits from a later layer."""
 
-    def __init__(self, monkeypatch, n, full_wrong, flips, cands, saving):
+    def __init__(self, monkeypatch, n, full_wrong, flips, cands, saving, batch=512):
         self.full_wrong, self.flips, self.saving = full_wrong, flips, saving
         monkeypatch.setattr(ev, "run_configs", self.run_configs)
         monkeypatch.setattr(ev, "knobs", lambda model, td, base, levels: cands)
         monkeypatch.setattr(ev, "quality", lambda task, preds, refs, per_sample: {
             "per_sample": preds})
-        samples = [SimpleNamespace(image=torch.tensor([i])) for i in range(n)]
+        samples = [SimpleNamespace(image=torch.tensor([i]), refs=None) for i in range(n)]
         cut = n // 5
-        self.tune, self.test = (ev.TaskData(samples[a:b], [np.arange(a, b)], 1)
+        self.tune, self.test = (ev.TaskData(samples[a:b], [np.arange(i, min(i + batch, b))
+                                                           for i in range(a, b, batch)], 1)
                                 for a, b in ((0, cut), (cut, n)))
 
     def run_configs(self, configs, units, tok, max_new, repeats=1, warmup=False):
-        (_, _, ex), idx = configs[0], units[0]
+        (_, _, ex), idx = configs[0], np.concatenate(units)
         fields = {} if ex is None else {f: getattr(ex, f) for f in ev.KNOB_FIELDS.values()
                                         if getattr(ex, f) < 1}
         if ex is not None and ex.dec_min_layer > 1:
@@ -405,6 +419,14 @@ def test_calibration_walks_the_safest_step_first_and_stops_at_the_first_failure(
         "img_threshold": 1.0, "txt_threshold": 0.8, "dec_threshold": 0.5} and stop["p"] > 0.05
     i = np.arange(400, 2000)  # the testing samples, with the text's 0.1% broken too
     assert stop["quality"] == pytest.approx(100 * (1 - np.mean((i % 67 == 7) | (i % 1000 == 7))))
+    # A test that passes stops at the batch where its p-value reaches delta (the bound holds at
+    # any time); testing every sample at once decides alike, and runs them all.
+    assert record["testing_samples_run"] < 5 * 1600
+    whole = Stub(monkeypatch, 2000, np.zeros(2000, dtype=bool), breaks, cands,
+                 lambda fields: sum(saves[v] for v in fields.values()), batch=1600)
+    ex_whole, record_whole = whole.calibrate()
+    assert ex_whole == ex and record_whole["paths"] == record["paths"]
+    assert record_whole["testing_samples_run"] == 5 * 1600
     # with 400 validation samples, not even a change-nothing configuration can be certified
     small = Stub(monkeypatch, 400, np.zeros(400, dtype=bool), breaks, cands,
                  lambda fields: sum(saves[v] for v in fields.values()))
