@@ -103,8 +103,7 @@ class ExitConfig:
     dec_beta: float = 0.95  # beta of the decay schedule
     dec_tau: float = 1.0  # tau of the decay schedule (how fast it decays with t)
     enc_criterion: str = "cosine"  # the encoder's signal, a name in ENC_SIGNALS
-    dec_min_layer: int = 1  # no token exits the decoder before this layer (1: the paper's, any;
-    # beyond the paper, calibration may choose 2: docs/reference.md, "Calibration")
+    dec_min_layer: int = 1  # no decoder exit before this layer (1: the paper's; 2: beyond it)
 
     def __post_init__(self):
         if type(self.dec_min_layer) is not int or self.dec_min_layer < 1:
