@@ -401,8 +401,8 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
         return p_value(z, a, len(units)), q
 
     # A test runs a batch at a time until p <= a: the bound holds at any time, so it decides as
-    # it would on every sample. Not captions: CIDEr-D takes its idf from every reference of the
-    # scored set, and scoring them all at each look costs what stopping early saves.
+    # it would on every sample. Not captions: scoring CIDEr-D over every testing reference at
+    # each look costs what stopping early saves (docs/results.md, "Calibration").
     step = 1 if task == "ve" else len(test.batches)
 
     def test_run(ex, a):  # -> (p, quality and MACs per sample run)
