@@ -70,7 +70,7 @@ class TrainConfig:
     report: bool = True  # after training: calibrate the exits, compare with the full model
     target: float = 0.99  # calibration keeps at least this fraction of full-model quality
     delta: float = 0.05  # the chance that calibration's promise fails: it holds with 1 - delta
-    dec_min_layer: int = 2  # calibration's 2nd path: no decoder exit before it (beyond the paper)
+    dec_min_layer: int = 2  # beyond the paper: 2nd calibration path, no decoder exit before it
     dec_criterion: str = "confidence"  # the report's decoder signal: "confidence" | "similarity"
     dec_schedule: str = "decay"  # the report's decoder threshold: "decay" (paper) | "constant"
     enc_criterion: str = "cosine"  # the report's encoder signal: "cosine"
