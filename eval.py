@@ -441,7 +441,8 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
             passed += 1
             if (now := 1 - sum(macs) / sum(m_test[:len(macs)])) > saving:  # where it ran
                 chosen, saving = fields_, now
-        log(f"calibrate {task} | path {len(record['paths']) + 1}, decoder exits from layer {m}: "
+        log(f"calibrate {task} | path {len(record['paths']) + 1}, decoder exits from layer {m}"
+            f"{' (beyond the paper)' if m > 1 else ''}: "
             f"{len(path)} configurations ordered on {len(tune.samples)} tuning samples, "
             f"{passed} passed in turn on {len(test.samples)} testing samples ({len(units)} "
             f"units) at delta {a:g}")
