@@ -265,9 +265,9 @@ def summarize(name, task, run: Run, full: Run, q_full, depth, ex) -> dict:
 # candidates into a path from safe to daring; the rest tests them along that path in turn
 # (fixed-sequence testing), each test at its path's share of delta. Each test asks the promise
 # itself, gains counted against losses (`p_value`). Two paths: the paper's exit rule, and one
-# where no token leaves the decoder before layer `dec_min_layer` (beyond the paper: a first layer
-# that is sure and wrong on a few answers ends the first path early; docs/results.md,
-# "Calibration"). A false pass in either happens with chance at most the sum of their shares,
+# where no token leaves the decoder before layer `dec_min_layer` (beyond the paper: a step that
+# lets tokens leave at layer 1 can fail and end the first path early; docs/results.md,
+# "The default run"). A false pass in either happens with chance at most the sum of their shares,
 # delta (a union bound), so every configuration that passed keeps the promise: the one that
 # saves most FLOPs is chosen. Candidate thresholds are quantiles of the model's own exit signals
 # on the tuning samples (MuE.profile): a fixed grid would mostly land where nothing, or
