@@ -374,9 +374,8 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
     never, tuned, tested = {f: 1.0 for f in KNOB_FIELDS.values()}, {}, {}
     refs, units = [s.refs for s in test.samples], grouped(test.samples)
 
-    def config(fields_):  # the minimum layer means nothing while the decoder never exits
-        ex = replace(base, **{**never, **fields_})
-        return ex if ex.dec_threshold < 1 else replace(ex, dec_min_layer=1)
+    def config(fields_):  # equal configurations are equal ExitConfigs, whichever path made them
+        return replace(base, **{**never, **fields_})
 
     def run(fields_):  # on the tuning samples -> (per-sample quality, total MACs)
         ex = config(fields_) if fields_ else None
@@ -612,7 +611,7 @@ def _pct(x):
 def _thr(t):
     if t is None:
         return "-"
-    m = t.get("dec_min_layer", 1) if t["dec_threshold"] < 1 else 1  # beyond the paper where > 1
+    m = t.get("dec_min_layer", 1)  # beyond the paper where > 1
     return "/".join(f"{t[f]:.6g}" for f in KNOB_FIELDS.values()) + (
         f" (dec from layer {m})" if m > 1 else "")
 

@@ -118,6 +118,8 @@ class ExitConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails too
                 raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        if self.dec_threshold >= 1.0:  # a decoder that never exits has no first exit layer: one
+            object.__setattr__(self, "dec_min_layer", 1)  # form, whatever was asked (frozen)
 
     def dec_threshold_at(self, t: int, n: int) -> float:
         """Theta(t) for output position t (0-based) of at most n generated tokens."""
