@@ -372,7 +372,7 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
     on the rest (see above). -> (ExitConfig, a record of what was done)."""
     t0, q_max = time.perf_counter(), QUALITY_MAX[task]
     never, tuned, tested = {f: 1.0 for f in KNOB_FIELDS.values()}, {}, {}
-    refs, units = [s.refs for s in test.samples], grouped(test.samples)
+    units = grouped(test.samples)
 
     def config(fields_):  # equal configurations are equal ExitConfigs, whichever path made them
         return replace(base, **{**never, **fields_})
@@ -386,7 +386,8 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
         return tuned[ex]
 
     r = run_configs([("", model, None)], test.batches, tok, test.max_new)[0]  # the full model
-    q_test, m_test = quality(task, r.preds, r.refs, per_sample=True)["per_sample"], r.macs
+    refs, m_test = r.refs, r.macs
+    q_test = quality(task, r.preds, refs, per_sample=True)["per_sample"]
     full = [statistics.fmean(q_test[i] for i in u) / q_max for u in units]  # per unit, in [0, 1]
     full_mean = statistics.fmean(q_test)
 
@@ -1010,8 +1011,7 @@ def load(args, flags):
     """Check the settings and the output paths, read the checkpoints and the data, before
     anything runs. -> [(path, model, state)], the tokenizer, val, test, and the signals for
     --calibrate and --sweep (an ExitConfig). ValueError names what is wrong."""
-    check_calibration(0.99 if args.target is None else args.target, args.delta,
-                      args.dec_min_layer or 1)
+    check_calibration(0.99 if args.target is None else args.target, args.delta)
     if args.grid < 2:
         raise ValueError(f"need --grid >= 2, got {args.grid}")
     args.out = args.out or os.path.dirname(args.ckpt) or "."  # beside the checkpoint
