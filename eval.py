@@ -18,6 +18,7 @@ exits.png (where each modality and word exited), words.png (captions word by lay
 """
 
 import argparse
+import collections
 import itertools
 import json
 import math
@@ -29,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn as nn
 from pycocoevalcap.bleu.bleu import Bleu
@@ -47,35 +49,92 @@ KNOB_FIELDS = {"img": "img_threshold", "txt": "txt_threshold", "dec": "dec_thres
 # reports; outputs and references are cleaned alike, since the toolkit's tokenizer needs Java).
 
 
-def caption_scores(preds: list[str], refs: list[list[str]], bleu=True) -> tuple:
-    """Corpus BLEU-4 (None unless bleu) and CIDEr-D, raw (BLEU in [0, 1], CIDEr-D up to 10), and
-    each sample's CIDEr-D (their mean is the corpus score). CIDEr-D takes its idf from the
-    references of the scored set, so it compares configurations on the same samples only, as
-    this file does."""
+def caption_scores(preds: list[str], refs: list[list[str]]) -> tuple:
+    """Corpus BLEU-4 and CIDEr-D, raw (BLEU in [0, 1], CIDEr-D up to 10). CIDEr-D takes its idf
+    from the references of the scored set, so it compares configurations on the same samples
+    only, as this file does."""
     gts = {i: [clean(r) for r in rs] for i, rs in enumerate(refs)}
     res = {i: [clean(p)] for i, p in enumerate(preds)}
-    b4 = float(Bleu(4).compute_score(gts, res, verbose=0)[0][3]) if bleu else None
-    cider, each = Cider().compute_score(gts, res)
-    return b4, float(cider), [float(c) for c in each]
+    return (float(Bleu(4).compute_score(gts, res, verbose=0)[0][3]),
+            float(Cider().compute_score(gts, res)[0]))
 
 
-def quality(task: str, preds: list[str], refs: list[list[str]], per_sample=False) -> dict:
-    """In percent, as papers print them. "quality" is what retention is computed on: VE
-    accuracy (the answer against refs[0]) or CIDEr-D; per_sample adds each sample's share of it
-    ("per_sample", a list whose mean is the quality), which calibration's bound needs, and skips
-    BLEU-4, which calibration does not (it took a tenth of calibration's time)."""
+class CiderD:
+    """Each sample's CIDEr-D against fixed references, bit for bit pycocoevalcap's (tested).
+    Calibration scores dozens of configurations on the same samples, and pycocoevalcap redoes
+    the references' side (their n-grams, idf and tf-idf vectors) at every call, most of its time
+    (docs/results.md, "Calibration"): here it is done once. A sample's score needs only its own
+    prediction, so any run of samples can be scored alone, their idf still that of all refs."""
+
+    def __init__(self, refs: list[list[str]], n=4, sigma=6.0):
+        self.n, self.sigma = n, sigma  # n-gram orders 1..n; the length penalty's width
+        grams = [[self.count(r) for r in rs] for rs in refs]
+        df = collections.Counter(g for rs in grams for g in set().union(*rs))  # images per n-gram
+        self.log_n = np.log(float(len(refs)))  # the idf of an n-gram no reference has
+        self.idf = {g: self.log_n - np.log(max(1.0, d)) for g, d in df.items()}
+        self.refs = [[self.vector(c) for c in rs] for rs in grams]
+
+    def count(self, text):  # -> Counter of the n-grams of the cleaned text, orders 1..n
+        w = clean(text).split()
+        return collections.Counter(tuple(w[i:i + k]) for k in range(1, self.n + 1)
+                                   for i in range(len(w) - k + 1))
+
+    def vector(self, counts):  # -> per order: tf-idf {n-gram: weight}, its norm; the length
+        vec, norm = [{} for _ in range(self.n)], [0.0] * self.n
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = v = float(tf) * self.idf.get(g, self.log_n)
+            norm[len(g) - 1] += v ** 2  # ** as pycocoevalcap: v * v can differ in the last bit
+        # the length is the number of bigrams, as pycocoevalcap counts it (words - 1 if any)
+        return vec, [math.sqrt(x) for x in norm], sum(tf for g, tf in counts.items() if len(g) == 2)
+
+    def __call__(self, preds: list[str], start=0) -> list[float]:
+        """-> the CIDEr-D of samples start, start + 1, ... that predicted preds: per n-gram
+        order, the cosine of the prediction's clipped tf-idf vector with each reference's, times
+        a Gaussian penalty on their length difference; averaged over orders and references,
+        times 10."""
+        out = []
+        for p, refs in zip(preds, self.refs[start:start + len(preds)], strict=True):
+            vec, norm, length = self.vector(self.count(p))
+            score = [0.0] * self.n
+            for r_vec, r_norm, r_length in refs:
+                penalty = math.e ** (-(float(length - r_length) ** 2) / (2 * self.sigma ** 2))
+                for n in range(self.n):
+                    dot = 0.0
+                    for g, v in vec[n].items():
+                        r = r_vec[n].get(g, 0.0)
+                        dot += min(v, r) * r  # clipped: repeating a word gains nothing
+                    if norm[n] != 0 and r_norm[n] != 0:
+                        dot /= norm[n] * r_norm[n]
+                    score[n] += dot * penalty
+            out.append(float(np.mean(score)) / len(refs) * 10.0)
+        return out
+
+
+def each_sample(task: str, refs: list[list[str]]):
+    """-> a function (preds, start=0) -> each sample's quality in percent, preds being those of
+    refs[start:start + len(preds)] (their mean over all of refs is `quality`'s): what
+    calibration's bound is computed on."""
     if task == "ve":
-        each = [100.0 * (clean(p) == clean(r[0])) for p, r in zip(preds, refs, strict=True)]
-        acc = statistics.fmean(each)
-        q = {"quality": acc, "accuracy": acc}
-    elif task == "caption":
-        bleu, cider, each = caption_scores(preds, refs, bleu=not per_sample)
-        each = [100 * c for c in each]
-        q = {"quality": 100 * cider, "cider": 100 * cider,
-             **({} if bleu is None else {"bleu4": 100 * bleu})}
-    else:
-        raise ValueError(f"unknown task {task!r}: expected 'caption' or 've'")
-    return {**q, "per_sample": each} if per_sample else q
+        def accuracy(preds, start=0):  # the answer against refs[0]
+            mine = refs[start:start + len(preds)]
+            return [100.0 * (clean(p) == clean(r[0])) for p, r in zip(preds, mine, strict=True)]
+        return accuracy
+    if task == "caption":
+        cider = CiderD(refs)
+        return lambda preds, start=0: [100 * c for c in cider(preds, start)]
+    raise ValueError(f"unknown task {task!r}: expected 'caption' or 've'")
+
+
+def quality(task: str, preds: list[str], refs: list[list[str]]) -> dict:
+    """In percent, as papers print them. "quality" is what retention is computed on: VE
+    accuracy (the answer against refs[0]) or CIDEr-D."""
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions for {len(refs)} samples' references")
+    if task == "caption":
+        bleu, cider = caption_scores(preds, refs)
+        return {"quality": 100 * cider, "cider": 100 * cider, "bleu4": 100 * bleu}
+    acc = statistics.fmean(each_sample(task, refs)(preds))  # raises on an unknown task
+    return {"quality": acc, "accuracy": acc}
 
 
 # -- Cost of one sample, from its own exits: multiply-accumulates (MACs) of the matrix products
@@ -377,42 +436,38 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
     def config(fields_):  # equal configurations are equal ExitConfigs, whichever path made them
         return replace(base, **{**never, **fields_})
 
+    score_tune = each_sample(task, [s.refs for s in tune.samples])
+    score_test = each_sample(task, [s.refs for s in test.samples])
+
     def run(fields_):  # on the tuning samples -> (per-sample quality, total MACs)
         ex = config(fields_) if fields_ else None
         if ex not in tuned:  # the paths share the configurations they both reach
             r = run_configs([("", model, ex)], tune.batches, tok, tune.max_new)[0]
-            tuned[ex] = (quality(task, r.preds, r.refs, per_sample=True)["per_sample"],
-                         sum(r.macs))
+            tuned[ex] = score_tune(r.preds), sum(r.macs)
         return tuned[ex]
 
     r = run_configs([("", model, None)], test.batches, tok, test.max_new)[0]  # the full model
-    refs, m_test = r.refs, r.macs
-    q_test = quality(task, r.preds, refs, per_sample=True)["per_sample"]
+    q_test, m_test = score_test(r.preds), r.macs
     full = [statistics.fmean(q_test[i] for i in u) / q_max for u in units]  # per unit, in [0, 1]
     full_mean = statistics.fmean(q_test)
 
-    def scored(preds, a):  # -> (p at level a, quality per sample) of the first len(preds)
-        k = len(preds)
-        q = quality(task, preds, refs[:k], per_sample=True)["per_sample"]
-        ready = itertools.takewhile(lambda u: u[-1] < k, units)  # the first units, run whole
+    def scored(q, a):  # -> p at level a, given q: the quality of the first len(q) samples
+        ready = itertools.takewhile(lambda u: u[-1] < len(q), units)  # the first units, whole
         # the promise E[exits] >= target E[full] is E[z] <= 0: reject E[z] >= 0 to pass
         z = [target * f - statistics.fmean(q[i] for i in u) / q_max
              for f, u in zip(full, ready, strict=False)]
-        return p_value(z, a, len(units)), q
-
-    # A test runs a batch at a time until p <= a: the bound holds at any time, so it decides as
-    # it would on every sample. Not captions: scoring CIDEr-D over every testing reference at
-    # each look costs what stopping early saves (docs/results.md, "Calibration").
-    step = 1 if task == "ve" else len(test.batches)
+        return p_value(z, a, len(units))
 
     def test_run(ex, a):  # -> (p, quality and MACs per sample run)
-        i, preds, macs = tested.get(ex, (0, [], []))
-        p, q = scored(preds, a) if preds else (1.0, [])
+        # a batch at a time until p <= a: the bound holds at any time, so it decides as it would
+        # on every sample
+        i, q, macs = tested.get(ex, (0, [], []))
+        p = scored(q, a) if q else 1.0
         while p > a and i < len(test.batches):
-            r = run_configs([("", model, ex)], test.batches[i:i + step], tok, test.max_new)[0]
-            i, preds, macs = i + step, preds + r.preds, macs + r.macs
-            p, q = scored(preds, a)
-        tested[ex] = (i, preds, macs)
+            r = run_configs([("", model, ex)], test.batches[i:i + 1], tok, test.max_new)[0]
+            i, q, macs = i + 1, q + score_test(r.preds, len(q)), macs + r.macs
+            p = scored(q, a)
+        tested[ex] = (i, q, macs)
         return p, q, macs
 
     q_tune, m_tune = run({})
@@ -454,7 +509,7 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
         record["paths"].append({"dec_min_layer": m, "delta": a, "length": len(path),
                                 "tested": passed + (stop is not None), "passed": passed,
                                 "stopped_at": stop})
-    ex, ran = config(chosen), sum(len(preds) for _, preds, _ in tested.values())
+    ex, ran = config(chosen), sum(len(q) for _, q, _ in tested.values())
     log(f"calibrate {task} | full {full_mean:.1f} | chosen {_thr(asdict(ex))} "
         f"({-100 * saving:+.1f}% FLOPs): keeps at least {100 * target:g}% "
         f"with probability {1 - delta:g}, on {len(tune.samples) + len(test.samples)} val "

@@ -68,7 +68,7 @@ def test_bleu4_matches_a_hand_count():
     # 3- or 4-grams; length 2, closest reference 3. Corpus: (8/8 * 5/6 * 4/4 * 3/3)^(1/4) with
     # the brevity penalty exp(1 - 9/8), the reference length 9 exceeding the output's 8.
     hand = (8 / 8 * 5 / 6 * 4 / 4 * 3 / 3) ** 0.25 * math.exp(1 - 9 / 8)
-    bleu, _, _ = ev.caption_scores(preds, refs)
+    bleu, _ = ev.caption_scores(preds, refs)
     assert bleu == pytest.approx(hand, abs=1e-6)
 
 
@@ -83,20 +83,46 @@ def test_cider_d_matches_a_hand_count():
     # bigrams {blue square, square thing} vs {blue square}: g^2 / (sqrt2 g * g); trigram: 0.
     # CIDEr-D's length penalty: exp(-(3 - 2)^2 / (2 * 6^2)) on every order.
     img2 = 10 * (2 / math.sqrt(6) + 1 / math.sqrt(2) + 0 + 0) / 4 * math.exp(-1 / 72)
-    _, cider, each = ev.caption_scores(preds, refs)
+    _, cider = ev.caption_scores(preds, refs)
     assert cider == pytest.approx((img1 + img2) / 2, rel=1e-9)
-    assert each == pytest.approx([img1, img2], rel=1e-9)  # per sample: calibration's bound
-    q = ev.quality("caption", preds, refs, per_sample=True)
+    assert ev.CiderD(refs)(preds) == pytest.approx([img1, img2], rel=1e-9)  # per sample
+    assert ev.each_sample("caption", refs)(preds[1:], 1) == pytest.approx([100 * img2], rel=1e-9)
+    q = ev.quality("caption", preds, refs)
     assert q["quality"] == q["cider"] == pytest.approx(100 * cider)
-    assert q["per_sample"] == pytest.approx([100 * img1, 100 * img2], rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cached_cider_d_is_pycocoevalcaps_bit_for_bit(seed):
+    """Oracle: calibration's CIDEr-D (references prepared once) against pycocoevalcap's on
+    random captions: repeated and unseen words, empty predictions, one-word references, one to
+    four references per image; and any slice scored alone, with the idf of all the images."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(40)]
+
+    def text(lo, hi):
+        return " ".join(rng.choice(words, rng.integers(lo, hi)))
+
+    refs = [[text(1, 9) for _ in range(rng.integers(1, 5))] for _ in range(rng.integers(2, 300))]
+    preds = [text(0, 12) if rng.random() < 0.6 else str(rng.choice(r)) for r in refs]
+    gts = {i: [ev.clean(r) for r in rs] for i, rs in enumerate(refs)}
+    res = {i: [ev.clean(p)] for i, p in enumerate(preds)}
+    _, truth = ev.Cider().compute_score(gts, res)
+    cider = ev.CiderD(refs)
+    assert cider(preds) == list(truth)
+    k = int(rng.integers(0, len(refs)))
+    assert cider(preds[k:k + 5], k) == list(truth[k:k + 5])
 
 
 def test_ve_accuracy_compares_normalised_words():
-    q = ev.quality("ve", ["Yes.", "no", "maybe"], [["yes"], ["maybe"], ["maybe"]], True)
+    preds, refs = ["Yes.", "no", "maybe"], [["yes"], ["maybe"], ["maybe"]]
+    q = ev.quality("ve", preds, refs)
     assert q["quality"] == q["accuracy"] == pytest.approx(200 / 3)
-    assert q["per_sample"] == [100, 0, 100]
+    assert ev.each_sample("ve", refs)(preds) == [100, 0, 100]
+    assert ev.each_sample("ve", refs)(preds[2:], 2) == [100]
     with pytest.raises(ValueError, match="unknown task"):
         ev.quality("vqa", ["a"], [["a"]])
+    with pytest.raises(ValueError, match="2 predictions for 3 samples"):
+        ev.quality("ve", preds[:2], refs)
 
 
 # -- cost ---------------------------------------------------------------------------------------
@@ -367,8 +393,7 @@ class Stub:
         self.full_wrong, self.flips, self.saving = full_wrong, flips, saving
         monkeypatch.setattr(ev, "run_configs", self.run_configs)
         monkeypatch.setattr(ev, "knobs", lambda model, td, base, levels: cands)
-        monkeypatch.setattr(ev, "quality", lambda task, preds, refs, per_sample: {
-            "per_sample": preds})
+        monkeypatch.setattr(ev, "each_sample", lambda task, refs: lambda preds, start=0: preds)
         samples = [SimpleNamespace(image=torch.tensor([i]), refs=None) for i in range(n)]
         cut = n // 5
         self.tune, self.test = (ev.TaskData(samples[a:b], [np.arange(i, min(i + batch, b))
@@ -555,8 +580,8 @@ def test_calibration_keeps_every_layer_when_the_full_model_scores_zero(trained, 
                                                                         monkeypatch):
     """Nothing to keep a fraction of: without the guard every exit passes and the most drastic
     thresholds win, printed as "-% kept"."""
-    monkeypatch.setattr(ev, "quality", lambda task, preds, refs, per_sample=False: {
-        "quality": 0.0, "per_sample": [0.0] * len(preds)})
+    monkeypatch.setattr(ev, "each_sample",
+                        lambda task, refs: lambda preds, start=0: [0.0] * len(preds))
     lines = []
     base = ExitConfig(dec_criterion="similarity")
     exits, _ = ev.calibrate(trained, ShapesDataset("val", "multi", image_size=32), tok, "cpu",
