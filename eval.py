@@ -367,11 +367,12 @@ def p_value(z: list[float], delta: float, n: int | None = None) -> float:
     return min(1.0, 1 / best)
 
 
-def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]]:
+def knobs(model, td: TaskData, base: ExitConfig, levels, dec_min_layer=1) -> dict[str, list]:
     """Per knob, candidate ExitConfig fields, most conservative first: quantiles of every tuning
     sample's signals (whatever the batch size) at the positions that can exit: the encoder's
     layers but the last, the decoder's at the positions generate decides (VE: the answer alone)
-    from layer base.dec_min_layer on.
+    from layer dec_min_layer on. base gives the signals (its thresholds, hence its own
+    dec_min_layer, play no part: a base that never exits has dec_min_layer 1).
     Decomposed: img, txt and dec apart; joint fusion exits only when both modalities agree, so
     img and txt move together as one knob."""
     L_enc, L_dec = model.cfg.n_enc_layers, model.cfg.n_dec_layers
@@ -381,7 +382,7 @@ def knobs(model, td: TaskData, base: ExitConfig, levels) -> dict[str, list[dict]
         decided = batch.tgt_mask & (batch.tgt_mask.cumsum(1) <= td.max_new)  # (B, T)
         sig["img"].append(p["img"][:, :L_enc - 1].flatten())
         sig["txt"].append(p["txt"][:, :L_enc - 1].flatten())
-        sig["dec"].append(p[f"dec_{base.dec_criterion}"][:, :, base.dec_min_layer - 1:L_dec - 1]
+        sig["dec"].append(p[f"dec_{base.dec_criterion}"][:, :, dec_min_layer - 1:L_dec - 1]
                           [decided])
     cands = {}
     for name, vals in sig.items():
@@ -484,7 +485,7 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
     for m, share in paths:
         a = share * delta
         path = [{**f, "dec_min_layer": m} for f in walk(
-            knobs(model, tune, replace(base, dec_min_layer=m), LEVELS),
+            knobs(model, tune, base, LEVELS, m),
             lambda f, m=m: run({**f, "dec_min_layer": m}), q_tune, m_tune)]
         passed, stop = 0, None
         for fields_ in path:  # fixed-sequence testing: stop at the first configuration that fails

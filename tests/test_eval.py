@@ -392,7 +392,7 @@ class Stub:
     def __init__(self, monkeypatch, n, full_wrong, flips, cands, saving, batch=512):
         self.full_wrong, self.flips, self.saving = full_wrong, flips, saving
         monkeypatch.setattr(ev, "run_configs", self.run_configs)
-        monkeypatch.setattr(ev, "knobs", lambda model, td, base, levels: cands)
+        monkeypatch.setattr(ev, "knobs", lambda model, td, base, levels, dec_min_layer: cands)
         monkeypatch.setattr(ev, "each_sample", lambda task, refs: lambda preds, start=0: preds)
         samples = [SimpleNamespace(image=torch.tensor([i]), refs=None) for i in range(n)]
         cut = n // 5
@@ -517,15 +517,22 @@ def test_the_promise_holds_over_many_validation_draws(monkeypatch, gains):
     (0.9, ExitConfig(), 32),
     (0.95, ExitConfig(dec_criterion="similarity", dec_schedule="decay"), 16)])
 def test_calibration_on_a_model_keeps_the_target_on_val_and_says_what_it_did(trained, tok,
-                                                                            target, base, n):
+                                                                            target, base, n,
+                                                                            monkeypatch):
     val = ShapesDataset("val", "multi", image_size=32)
-    lines = []
+    lines, asked, knobs = [], [], ev.knobs
+
+    def spy(model, td, base, levels, dec_min_layer=1):  # which decoder layers each path reads
+        asked.append(dec_min_layer)
+        return knobs(model, td, base, levels, dec_min_layer)
+    monkeypatch.setattr(ev, "knobs", spy)
     exits, records = ev.calibrate(trained, val, tok, "cpu", target, batch_size=8, n=n,
                                   base=base, log=lines.append)
     paths = [p for r in records.values() for p in r["paths"]]
     stops = [p for p in paths if p["stopped_at"]]
     assert set(exits) == set(records) == {"caption", "ve"}
     assert [p["dec_min_layer"] for p in paths] == [1, 2] * 2  # 4 of delta's 5 parts, and 1
+    assert asked == [1, 2] * 2  # path 2's candidates from layer 2 on
     assert [p["delta"] for p in paths] == pytest.approx([0.04, 0.01] * 2)
     assert len(lines) == 2 + len(paths) + len(stops)  # per task, per path, per stop
     for p in stops:  # the line that says what ended the path, with its p-value
@@ -561,6 +568,28 @@ def test_joint_fusion_moves_both_encoder_thresholds_together(tok):
     assert all(c.keys() == {"img_threshold", "txt_threshold"} for c in knobs["enc"])
     decomposed = ev.knobs(widened(vocab_size=len(tok)), td, ExitConfig(), (0.9, 0.5))
     assert set(decomposed) == {"img", "txt", "dec"}
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_decoder_candidates_are_quantiles_from_the_first_exit_layer_on(trained, tok, m):
+    """Oracle: the decoder's candidates against quantiles of the signals gathered one by one,
+    at the positions generate decides, from layer m to the last but one. The layer is passed on
+    its own: a base that never exits has dec_min_layer 1, so reading it from the base once gave
+    the second path the first path's candidates."""
+    td = ev.prepare(ShapesDataset("val", "multi", image_size=32), tok, trained.cfg, 24, 24,
+                    "cpu")["caption"]
+    levels = (0.9, 0.6, 0.3, 0.1)
+    got = [c["dec_threshold"] for c in ev.knobs(trained, td, ExitConfig(), levels, m)["dec"]]
+    b, L = td.batches[0], trained.cfg.n_dec_layers
+    conf = trained.profile(b.images, b.src, b.tgt_in)["dec_confidence"]  # (B, T, L)
+    values = [conf[i, t, l].item() for i in range(conf.shape[0]) for t in range(conf.shape[1])
+              for l in range(m - 1, L - 1)
+              if b.tgt_mask[i, t] and b.tgt_mask[i, :t + 1].sum() <= td.max_new]
+    want = [min(round(float(np.quantile(values, lv)), 6), 0.999999) for lv in levels]
+    assert got == pytest.approx(list(dict.fromkeys(want)), abs=2e-6) and got
+    if m > 1:  # the layers before m would have given others
+        assert got != [c["dec_threshold"] for c in
+                       ev.knobs(trained, td, ExitConfig(), levels, m - 1)["dec"]]
 
 
 def test_candidates_come_from_every_tuning_sample_whatever_the_batch_size(trained, tok):
