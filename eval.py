@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.cider.cider_scorer import precook
 
 from data import BadImage, Tokenizer, clean, collate, load_split, positive, unknown_words
 from mue import (DEC_SCHEDULES, DEC_SIGNALS, ENC_SIGNALS, PLUGINS, ExitConfig, atomic_write,
@@ -68,16 +69,11 @@ class CiderD:
 
     def __init__(self, refs: list[list[str]], n=4, sigma=6.0):
         self.n, self.sigma = n, sigma  # n-gram orders 1..n; the length penalty's width
-        grams = [[self.count(r) for r in rs] for rs in refs]
+        grams = [[precook(clean(r), n) for r in rs] for rs in refs]  # n-gram counts, orders 1..n
         df = collections.Counter(g for rs in grams for g in set().union(*rs))  # images per n-gram
         self.log_n = np.log(float(len(refs)))  # the idf of an n-gram no reference has
         self.idf = {g: self.log_n - np.log(max(1.0, d)) for g, d in df.items()}
         self.refs = [[self.vector(c) for c in rs] for rs in grams]
-
-    def count(self, text):  # -> Counter of the n-grams of the cleaned text, orders 1..n
-        w = clean(text).split()
-        return collections.Counter(tuple(w[i:i + k]) for k in range(1, self.n + 1)
-                                   for i in range(len(w) - k + 1))
 
     def vector(self, counts):  # -> per order: tf-idf {n-gram: weight}, its norm; the length
         vec, norm = [{} for _ in range(self.n)], [0.0] * self.n
@@ -94,7 +90,7 @@ class CiderD:
         times 10."""
         out = []
         for p, refs in zip(preds, self.refs[start:start + len(preds)], strict=True):
-            vec, norm, length = self.vector(self.count(p))
+            vec, norm, length = self.vector(precook(clean(p), self.n))
             score = [0.0] * self.n
             for r_vec, r_norm, r_length in refs:
                 penalty = math.e ** (-(float(length - r_length) ** 2) / (2 * self.sigma ** 2))
@@ -489,10 +485,9 @@ def calibrate_task(model, task, tune: TaskData, test: TaskData, tok, target, del
             lambda f, m=m: run({**f, "dec_min_layer": m}), q_tune, m_tune)]
         passed, stop = 0, None
         for fields_ in path:  # fixed-sequence testing: stop at the first configuration that fails
-            p, q, macs = test_run(config(fields_), a)
+            p, q, macs = test_run(ex := config(fields_), a)
             if p > a:  # what ended the path, for a reader of the run
-                stop = {"thresholds": asdict(config(fields_)), "p": p,
-                        "quality": statistics.fmean(q)}
+                stop = {"thresholds": asdict(ex), "p": p, "quality": statistics.fmean(q)}
                 break
             passed += 1
             if (now := 1 - sum(macs) / sum(m_test[:len(macs)])) > saving:  # where it ran
