@@ -1090,7 +1090,6 @@ def load(args, flags):
                              f"tokenizer and image size")
         checkpoints.append((path, m, st))
     train = state.get("train") or {}
-    args.dec_min_layer = args.dec_min_layer or train.get("dec_min_layer", 2)
     for path, _, st in checkpoints:
         check_registered(path, st, flags)
         thresholds(st, {} if args.calibrate else flags)  # the flags' names and ranges, now
@@ -1102,6 +1101,7 @@ def load(args, flags):
     args.n = args.n or train.get("test_size", 500)  # the samples train.py reported on
     args.n_val = args.n_val or train.get("val_size", 300)
     args.target = args.target or train.get("target", 0.99)
+    args.dec_min_layer = args.dec_min_layer or train.get("dec_min_layer", 2)
     return checkpoints, tok, *datasets(args, train, model.cfg), base
 
 
